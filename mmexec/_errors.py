@@ -1,0 +1,44 @@
+"""The exceptions mmexec raises.
+
+Each class subclasses :class:`MmexecError` *and* the builtin a caller already
+catches, so ``except OSError`` or ``except TypeError`` keeps working::
+
+    Exception
+     +-- MmexecError
+          +-- TempFolderError      (also OSError)
+          +-- MainGuardError       (also RuntimeError)
+
+Worker deaths are reported with loky's ``TerminatedWorkerError``, a subclass
+of :class:`concurrent.futures.process.BrokenProcessPool`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MainGuardError", "MmexecError", "TempFolderError"]
+
+
+class MmexecError(Exception):
+    """Base class of every error raised by mmexec itself.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class TempFolderError(MmexecError, OSError):
+    """A dump could not be written: the temp folder is missing, not writable or full.
+
+    The message names the folder, the bytes needed and free, and how to choose
+    another folder (``temp_folder=`` or the ``MMEXEC_TEMP_FOLDER`` variable).
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class MainGuardError(MmexecError, RuntimeError):
+    """A worker tried to start a pool while importing the caller's ``__main__``.
+
+    This happens when a script creates an executor at module level without an
+    ``if __name__ == "__main__":`` guard.
+
+    .. versionadded:: 0.1.0
+    """

@@ -1,0 +1,292 @@
+"""MemmapExecutor: a concurrent.futures.Executor that shares large arrays.
+
+Data flow, in the order the data travels (each stage imports only the ones
+before it)::
+
+    caller --submit(fn, *args)--> reducer --------> store ------> pool -------> worker
+             map(fn, *its)        encode_task       MemmapStore    loky          run_task
+                                  cloudpickle,      dumps each     reusable      maps refs as
+                                  persistent_id     large array    executor,     np.memmap, runs
+                                  swaps arrays      once into a    shared by     fn, dumps large
+                                  for ArrayRefs     private 0700   every         results into the
+                                                    folder         executor      same folder
+    caller <--Future.result()-- decode_result (runs in loky's result thread: maps result files)
+
+Who owns what:
+
+* The caller owns its arrays. The store counts the users of each dump: the
+  caller's array while it lives, each pending task, each result mapped from it.
+* The executor owns its store and its futures (loky's, which are
+  ``concurrent.futures.Future`` s). When a future is done, its task's holds are
+  released; a dump nobody holds is deleted at once.
+* ``shutdown()`` waits for or cancels this executor's futures, then deletes the
+  store's folder. The loky pool is shared and stays warm for the next executor.
+* If the parent dies, loky's resource tracker deletes the folder.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_futures
+from functools import partial
+from typing import Any, ParamSpec, TypeVar
+
+import cloudpickle
+import loky
+from loky import BrokenProcessPool
+
+from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
+from ._reducer import Call, WorkerContext, encode_task, run_task
+from ._store import Holds, MemmapStore, Session
+
+__all__ = ["MemmapExecutor"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Idle workers of the shared pool exit after this many seconds (as joblib).
+POOL_IDLE_TIMEOUT = 300
+#: map() with chunksize=None cuts the calls into about this many chunks per worker.
+_CHUNKS_PER_WORKER = 8
+
+
+def _shared_pool(max_workers: int) -> Any:
+    """loky's reusable pool, always asked for with the same options so it never restarts."""
+    return loky.get_reusable_executor(max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT)
+
+
+class MemmapExecutor(Executor):
+    """A drop-in ``ProcessPoolExecutor`` that passes large arrays as memory maps.
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Number of worker processes (default: the number of CPUs).
+    mp_context : optional
+        Accepted for compatibility with ``ProcessPoolExecutor`` and ignored:
+        workers are always started by loky.
+    initializer, initargs : optional
+        ``initializer(*initargs)`` runs once in each worker before the first
+        task of this executor. If it raises, the executor is broken and its
+        futures raise ``BrokenProcessPool``.
+    max_tasks_per_child : None
+        Accepted for signature compatibility; only None is supported because
+        loky reuses workers across executors.
+    max_nbytes : int, float, str or None, default '1M'
+        Arrays of at least this many bytes are dumped once and passed as
+        memory maps; ``'1M'`` is 2**20 bytes. None turns dumping off
+        (memory-mapped arrays still travel by reference).
+    mmap_mode : {'r', 'r+', 'w+', 'c'}, default 'r'
+        How workers open dumped arrays. ``'c'`` gives each task a private
+        writable copy-on-write view.
+    temp_folder : str or path, optional
+        Where dumps go. Default: ``$MMEXEC_TEMP_FOLDER``, else ``/dev/shm``,
+        else the system temp folder.
+
+    Notes
+    -----
+    All executors of one thread share loky's reusable worker processes, so a
+    second executor starts warm. A worker crash breaks that shared pool for
+    every executor using it; new executors get a fresh pool.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        max_nbytes: int | float | str | None = DEFAULT_MAX_NBYTES,
+        mmap_mode: str = "r",
+        temp_folder: str | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = loky.cpu_count()
+        elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
+            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            raise ValueError(
+                "max_tasks_per_child is not supported by MemmapExecutor: loky reuses its "
+                "workers across executors. Use concurrent.futures.ProcessPoolExecutor "
+                "if workers must be replaced after a number of tasks."
+            )
+        self._max_workers = max_workers
+        self._store = MemmapStore(parse_max_nbytes(max_nbytes), validate_mmap_mode(mmap_mode), temp_folder)
+        blob = None if initializer is None else cloudpickle.dumps((initializer, tuple(initargs)))
+        self._init_blob = blob
+        self._token = secrets.token_hex(8)
+        self._ctx: WorkerContext | None = None
+        self._lock = threading.RLock()
+        self._pending: set[Future[Any]] = set()
+        self._inflight = 0
+        self._shutdown = False
+        self._broken: str | bool = False
+        self._pool = _shared_pool(max_workers)
+        self._finalizer = weakref.finalize(self, self._store.close)
+
+    # ------------------------------------------------------------------ API
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; large arrays in the arguments go by memory map."""
+        return self._submit(("call", (fn, args, kwargs)), Session())
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``; ``chunksize=None`` picks a chunk size from the input length.
+
+        Every call is submitted before this returns, and each array is dumped
+        at most once for the whole call.
+        """
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else timeout + time.monotonic()
+        calls: list[Call] = [(fn, args, {}) for args in zip(*iterables)]
+        size = chunksize if chunksize is not None else self._auto_chunksize(len(calls))
+        session = Session()
+        if size == 1:
+            futures = [self._submit(("call", call), session) for call in calls]
+        else:
+            chunks = [calls[i : i + size] for i in range(0, len(calls), size)]
+            futures = [self._submit(("chunk", chunk), session) for chunk in chunks]
+        del calls
+        return _iter_results(futures, end, chunked=size != 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; wait for (or cancel) this executor's tasks; delete its files.
+
+        The shared worker processes stay alive for the next executor.
+        """
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for fut in pending:
+                fut.cancel()
+        if wait:
+            wait_futures(pending)
+            self._finalizer()
+        else:
+            self._close_if_idle()
+
+    # ------------------------------------------------------------- internal
+    def _auto_chunksize(self, n: int) -> int:
+        return max(1, math.ceil(n / (self._max_workers * _CHUNKS_PER_WORKER)))
+
+    def _context(self) -> WorkerContext:
+        ctx = self._ctx
+        if ctx is None:
+            limit = self._store.max_nbytes
+            folder = None if limit is None else self._store.folder
+            ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob)
+        return ctx
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise BrokenProcessPool(
+                f"{self._broken} Create a new MemmapExecutor: it gets a fresh worker pool."
+            )
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _submit(self, task: tuple[str, Any], session: Session) -> Future[Any]:
+        with self._lock:
+            self._check_usable()
+            self._inflight += 1
+        holds = Holds(session)
+        try:
+            try:
+                payload = encode_task(task, self._store, holds)
+                ctx = self._context()
+            except Exception as exc:  # pickling errors belong on the future, as in the stdlib
+                holds.release()
+                failed: Future[Any] = Future()
+                failed.set_exception(exc)
+                return failed
+            return self._send(payload, ctx, holds)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+            if self._shutdown:
+                self._close_if_idle()
+
+    def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds) -> Future[Any]:
+        try:
+            fut: Future[Any] = self._pool.submit(run_task, payload, ctx)
+        except BrokenProcessPool as exc:
+            holds.release()
+            self._mark_broken(exc)
+            raise
+        except RuntimeError:
+            # Another user of loky's reusable pool restarted it: take the new one.
+            self._pool = _shared_pool(self._max_workers)
+            fut = self._pool.submit(run_task, payload, ctx)
+        with self._lock:
+            self._pending.add(fut)
+        fut.add_done_callback(partial(self._task_done, holds))
+        return fut
+
+    def _task_done(self, holds: Holds, fut: Future[Any]) -> None:
+        holds.release()
+        if not fut.cancelled():
+            exc = fut.exception()
+            if isinstance(exc, BrokenProcessPool):
+                self._mark_broken(exc)
+        with self._lock:
+            self._pending.discard(fut)
+        if self._shutdown:
+            self._close_if_idle()
+
+    def _mark_broken(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self._broken:
+                self._broken = f"The worker pool is broken ({type(exc).__name__}: {exc})."
+
+    def _close_if_idle(self) -> None:
+        with self._lock:
+            idle = not self._pending and self._inflight == 0
+        if idle:
+            self._finalizer()
+
+
+def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
+    """Yield results in order; on timeout, error or early close, cancel what is left."""
+    futures.reverse()
+    try:
+        while futures:
+            fut = futures.pop()
+            try:
+                value = fut.result(None if end is None else end - time.monotonic())
+            finally:
+                fut.cancel()
+                del fut
+            if not chunked:
+                yield value
+                continue
+            for ok, item in value:
+                if not ok:
+                    raise item
+                yield item
+            del value
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+

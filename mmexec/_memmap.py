@@ -1,0 +1,190 @@
+"""Arrays <-> files: write an array, map it back, find the map an array lives in.
+
+Public helpers :func:`dump`, :func:`load` and :func:`has_shareable_memory`
+live here next to the internals they share with the store and the reducer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._options import validate_mmap_mode
+from ._tempfolder import no_room_error, unlink_quietly
+
+__all__ = [
+    "ArrayRef",
+    "backing_memmap",
+    "dump",
+    "file_offset_of",
+    "has_shareable_memory",
+    "layout_order",
+    "load",
+    "open_ref",
+    "open_whole",
+    "same_bytes",
+    "write_array",
+]
+
+_BLOCK_BYTES = 16 * 2**20
+_MAX_WRITE = 2**30
+_libc_memcmp = ctypes.CDLL(None).memcmp
+_libc_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_libc_memcmp.restype = ctypes.c_int
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayRef:
+    """What travels instead of an array: where its bytes are and how to view them.
+
+    ``offset`` is the file offset of the first element; ``strides`` is None
+    for a dump laid out contiguously in ``order``.
+    """
+
+    path: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None
+    offset: int
+    order: str
+    mode: str
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def backing_memmap(a: np.ndarray) -> np.memmap | None:
+    """The open file-backed ``np.memmap`` that ``a``'s memory belongs to, if any."""
+    b: Any = a
+    while isinstance(b, np.ndarray):
+        if isinstance(b, np.memmap) and getattr(b, "_mmap", None) is not None and getattr(b, "filename", None):
+            return b
+        b = b.base
+    return None
+
+
+def has_shareable_memory(a: Any) -> bool:
+    """Return True if ``a``'s memory is a memory map that other processes can open.
+
+    True for an ``np.memmap``, any view or slice of one, and a plain ndarray
+    whose memory belongs to one (``np.asarray(memmap[2:5])``). Inside a task,
+    True for every array that mmexec passed by memory map.
+
+    .. versionadded:: 0.1.0
+    """
+    b: Any = a
+    while isinstance(b, np.ndarray):
+        if isinstance(b, np.memmap) and getattr(b, "_mmap", None) is not None:
+            return True
+        b = b.base
+    return isinstance(b, mmap.mmap)
+
+
+def file_offset_of(a: np.ndarray, mm: np.memmap) -> int:
+    """File offset of ``a``'s first element, ``a`` being a view into ``mm``."""
+    start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
+    base = np.frombuffer(mm._mmap, dtype=np.uint8)  # type: ignore[attr-defined]
+    return start + _address(a) - _address(base)
+
+
+def _contiguous_blocks(a: np.ndarray) -> Iterator[np.ndarray]:
+    """``a``'s bytes in C order (F order when ``a`` is F-contiguous), as uint8 blocks."""
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        flat = (a.T if not a.flags.c_contiguous else a).reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _MAX_WRITE):
+            yield flat[start : start + _MAX_WRITE]
+        return
+    rows = max(1, _BLOCK_BYTES // max(1, a[0].nbytes))
+    for start in range(0, a.shape[0], rows):
+        yield np.ascontiguousarray(a[start : start + rows]).reshape(-1).view(np.uint8)
+
+
+def layout_order(a: np.ndarray) -> str:
+    """The order in which :func:`write_array` lays ``a`` out."""
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
+def write_array(fd: int, path: str, a: np.ndarray) -> None:
+    """Write ``a``'s bytes to ``fd``; on a full disk remove ``path`` and raise TempFolderError."""
+    try:
+        for block in _contiguous_blocks(a):
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+    except OSError as exc:
+        unlink_quietly(path)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_room_error(os.path.dirname(path), a.nbytes) from exc
+        raise
+
+
+def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:
+    """True when ``a``'s bytes equal ``flat``, a uint8 map of the file :func:`write_array` wrote."""
+    pos = 0
+    base = _address(flat)
+    for block in _contiguous_blocks(a):
+        n = block.size
+        if pos + n > flat.size or _libc_memcmp(_address(block), base + pos, n) != 0:
+            return False
+        pos += n
+    return pos == flat.size
+
+
+def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:
+    """Rebuild the array ``ref`` describes as an ``np.memmap``; ``whole`` maps the file."""
+    if whole is None:
+        whole = open_whole(ref.path, ref.mode)
+    view = np.ndarray.__new__(
+        np.memmap, ref.shape, ref.dtype, buffer=whole, offset=ref.offset, strides=ref.strides, order=ref.order
+    )
+    view._mmap = whole._mmap  # type: ignore[attr-defined]
+    view.filename = whole.filename
+    view.offset = whole.offset
+    view.mode = whole.mode
+    return view
+
+
+def open_whole(path: str, mode: str) -> np.memmap:
+    """Map a whole file as bytes; ``'w+'`` is opened as ``'r+'`` so nothing is truncated."""
+    return np.memmap(path, dtype=np.uint8, mode="r+" if mode == "w+" else mode)
+
+
+def dump(array: np.ndarray, filename: str | os.PathLike[str]) -> list[str]:
+    """Write ``array`` to ``filename`` (``.npy`` format) for :func:`load` to map.
+
+    Returns the list of files written, like ``joblib.dump``. The file is the
+    caller's: mmexec never deletes it.
+
+    .. versionadded:: 0.1.0
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"dump() writes numpy arrays, not {type(array).__name__}; use joblib.dump for other objects")
+    if array.dtype.hasobject:
+        raise TypeError("dump() cannot write an object-dtype array as a memory map; pickle it instead")
+    path = os.fspath(filename)
+    with open(path, "wb") as f:
+        np.save(f, np.asanyarray(array).view(np.ndarray), allow_pickle=False)
+    return [path]
+
+
+def load(filename: str | os.PathLike[str], mmap_mode: str | None = None) -> Any:
+    """Read a file written by :func:`dump` (or ``np.save``).
+
+    With ``mmap_mode`` (``'r'``, ``'r+'``, ``'w+'`` or ``'c'``) the result is a
+    ``numpy.memmap`` that shares the file's pages; without, an ndarray in memory.
+
+    .. versionadded:: 0.1.0
+    """
+    if mmap_mode is not None:
+        mmap_mode = validate_mmap_mode(mmap_mode)
+        if mmap_mode == "w+":
+            mmap_mode = "r+"
+    return np.load(os.fspath(filename), mmap_mode=mmap_mode, allow_pickle=False)

@@ -1,0 +1,82 @@
+"""Parse and validate user options. Pure functions, no side effects."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+__all__ = [
+    "DEFAULT_MAX_NBYTES",
+    "ENV_TEMP_FOLDER",
+    "parse_max_nbytes",
+    "resolve_temp_folder",
+    "validate_mmap_mode",
+]
+
+#: Environment variable that overrides where dumps go (after ``temp_folder=``).
+ENV_TEMP_FOLDER = "MMEXEC_TEMP_FOLDER"
+#: Default threshold, as joblib: arrays of at least 1 MiB are memory-mapped.
+DEFAULT_MAX_NBYTES = "1M"
+SHM_FOLDER = "/dev/shm"
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+MMAP_MODES = ("r", "r+", "w+", "c")
+
+
+def parse_max_nbytes(value: int | float | str | None) -> int | None:
+    """Return the threshold in bytes, or None when memory-mapping is off.
+
+    Accepts a number of bytes (``1e6``) or a string with a binary unit as
+    joblib does (``'1M'`` is 2**20 bytes; ``'500K'``, ``'2G'``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"max_nbytes must be a number of bytes, a string like '1M' or None, not {value!r}")
+    if isinstance(value, (int, float)):
+        if value != value or value < 0:
+            raise ValueError(f"max_nbytes must be >= 0, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match is None:
+            raise ValueError(
+                f"max_nbytes={value!r} is not a size: use a number of bytes or a "
+                "string such as '500K', '1M' or '2G' (binary units), or None"
+            )
+        return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    raise TypeError(
+        f"max_nbytes must be a number of bytes, a string like '1M' or None, not {type(value).__name__}"
+    )
+
+
+def validate_mmap_mode(mode: str | None) -> str:
+    """Return a valid mode for opening dumped arrays in the workers."""
+    if mode is None:
+        return "r"
+    if mode not in MMAP_MODES:
+        raise ValueError(f"mmap_mode must be one of {MMAP_MODES}, got {mode!r}")
+    return mode
+
+
+def resolve_temp_folder(temp_folder: str | os.PathLike[str] | None) -> tuple[str, bool]:
+    """Return ``(folder, explicit)``: where dumps go and whether the user chose it.
+
+    Order: the ``temp_folder`` argument, the ``MMEXEC_TEMP_FOLDER`` variable,
+    ``/dev/shm`` when it exists and is writable, the system temp folder.
+    """
+    if temp_folder is not None:
+        return os.path.abspath(os.fspath(temp_folder)), True
+    env = os.environ.get(ENV_TEMP_FOLDER)
+    if env:
+        return os.path.abspath(os.path.expanduser(env)), True
+    if os.path.isdir(SHM_FOLDER) and os.access(SHM_FOLDER, os.W_OK | os.X_OK):
+        return SHM_FOLDER, False
+    return tempfile.gettempdir(), False
+
+
+def fallback_temp_folder() -> str:
+    """The folder used when ``/dev/shm`` has no room for a dump."""
+    return tempfile.gettempdir()

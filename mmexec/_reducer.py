@@ -1,0 +1,247 @@
+"""Pickling across the process boundary, both ways.
+
+Caller side, :func:`encode_task` pickles ``(fn, args, kwargs)`` with
+cloudpickle; its ``persistent_id`` hook asks the store for a reference for
+every ndarray, wherever it sits, so large arrays travel as a few bytes.
+
+Worker side, :func:`run_task` (the function loky actually runs) rebuilds the
+arguments as ``np.memmap`` s, runs the call(s), and encodes the result: large
+result arrays are written into the caller's private folder and come back as
+references, which the caller maps in :func:`decode_result`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cloudpickle
+import numpy as np
+
+from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, open_ref, open_whole, write_array
+from ._store import ArrayStore, Holds, owner_of
+from ._tempfolder import create_private_file
+
+__all__ = ["Call", "WorkerContext", "decode_result", "encode_task", "run_task"]
+
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+# --------------------------------------------------------------------- caller
+class _TaskPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, store: ArrayStore, holds: Holds) -> None:
+        super().__init__(file, protocol=_PROTOCOL)
+        self._store = store
+        self._holds = holds
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+        if isinstance(obj, np.ndarray):
+            return self._store.ref_for(obj, self._holds)
+        return None
+
+
+def encode_task(task: Any, store: ArrayStore, holds: Holds) -> bytes:
+    """Pickle ``task``, swapping arrays for the store's references (kept in ``holds``)."""
+    buf = io.BytesIO()
+    _TaskPickler(buf, store, holds).dump(task)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """What a worker needs besides the task: where results go, and the initializer."""
+
+    token: str
+    folder: str | None
+    max_nbytes: int | None
+    initializer: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class _ResultRef:
+    """A result array a worker dumped into the caller's folder."""
+
+    ref: ArrayRef
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = _RemoteTraceback(tb)
+    return exc
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self._maps: dict[tuple[str, str], np.memmap] = {}
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102
+        if isinstance(pid, _ResultRef):
+            return _open_result(pid.ref)
+        whole = self._maps.get((pid.path, pid.mode))
+        if whole is None:
+            whole = self._maps[(pid.path, pid.mode)] = _open_shared(pid)
+        return open_ref(pid, whole)
+
+
+def _open_shared(ref: ArrayRef) -> np.memmap:
+    """Map a file; in the caller, keep it alive as long as the map if a store owns it."""
+    whole = open_whole(ref.path, ref.mode)
+    store = owner_of(ref.path)
+    if store is not None and store.hold(ref.path):
+        weakref.finalize(whole, store.release, ref.path)
+    return whole
+
+
+def _open_result(ref: ArrayRef) -> np.ndarray:
+    store = owner_of(ref.path)
+    if store is None:
+        raise RuntimeError(
+            f"a task's result was written to {ref.path!r}, but its executor was shut down "
+            "and removed that folder before the result arrived"
+        )
+    return store.open_result(ref)
+
+
+def decode_result(data: bytes) -> Any:
+    """Caller side: rebuild a task's result, mapping the arrays a worker dumped."""
+    return _Unpickler(data).load()
+
+
+class _EncodedResult:
+    """A worker's result; unpickling it in the caller (in loky's thread) decodes it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return decode_result, (self.data,)
+
+
+# --------------------------------------------------------------------- worker
+class _ResultPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, ctx: WorkerContext) -> None:
+        super().__init__(file, protocol=_PROTOCOL)
+        self._ctx = ctx
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+        limit = self._ctx.max_nbytes
+        if not isinstance(obj, np.ndarray) or limit is None or obj.nbytes < limit or obj.size == 0:
+            return None
+        if obj.dtype.hasobject or type(obj) not in (np.ndarray, np.memmap):
+            return None
+        mm = backing_memmap(obj)
+        if mm is not None and mm.mode != "c":
+            path = os.path.abspath(mm.filename)  # type: ignore[arg-type]
+            mode = "r+" if mm.mode in ("r+", "w+") else "r"
+            return ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode)
+        return self._dump(obj)
+
+    def _dump(self, a: np.ndarray) -> _ResultRef | None:
+        if self._ctx.folder is None:
+            return None
+        try:
+            fd, path = create_private_file(self._ctx.folder)
+        except OSError:
+            return None
+        try:
+            write_array(fd, path, a)
+        except OSError:
+            return None  # no room: send it through the pipe instead
+        finally:
+            os.close(fd)
+        return _ResultRef(ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+"))
+
+
+def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
+    buf = io.BytesIO()
+    _ResultPickler(buf, ctx).dump(value)
+    return _EncodedResult(buf.getvalue())
+
+
+_initialized: dict[str, BaseException | None] = {}
+
+
+def _ensure_initialized(ctx: WorkerContext) -> None:
+    """Run this executor's initializer once in this worker; fail like the stdlib if it fails."""
+    if ctx.initializer is None:
+        return
+    if ctx.token not in _initialized:
+        initializer, initargs = pickle.loads(ctx.initializer)
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            traceback.print_exc()
+            _initialized[ctx.token] = exc
+        else:
+            _initialized[ctx.token] = None
+    error = _initialized[ctx.token]
+    if error is not None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        raise BrokenProcessPool(
+            "A child process failed to run the executor's initializer; the executor "
+            "cannot run tasks. Fix the initializer and create a new executor."
+        ) from error
+
+
+def _read_only_hint(exc: BaseException) -> None:
+    if isinstance(exc, ValueError) and "read-only" in str(exc) and hasattr(exc, "add_note"):
+        exc.add_note(
+            "mmexec passes large arrays to tasks as memory maps opened with mmap_mode='r' "
+            "(read-only) by default. Pass mmap_mode='c' for a private writable copy in "
+            "each task, or write results into an np.memmap opened with mode 'r+' or 'w+'."
+        )
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        _read_only_hint(exc)
+        raise
+
+
+def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
+    """Worker entry point: decode, run, encode.
+
+    A payload is ``("call", (fn, args, kwargs))`` or ``("chunk", [calls])``;
+    a chunk returns ``[(True, value) | (False, exception), ...]`` so that one
+    failing call does not hide the results of the others.
+    """
+    _ensure_initialized(ctx)
+    kind, body = _Unpickler(payload).load()
+    if kind == "call":
+        return _encode_result(_call(*body), ctx)
+    outcomes: list[tuple[bool, Any]] = []
+    for call in body:
+        try:
+            outcomes.append((True, _call(*call)))
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            outcomes.append((False, _ExceptionWithTraceback(exc, tb)))
+    del body
+    return _encode_result(outcomes, ctx)
+
+
+class _ExceptionWithTraceback:
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = f'\n"""\n{tb}"""'
+
+    def __reduce__(self) -> tuple[Any, tuple[BaseException, str]]:
+        return _rebuild_exception, (self.exc, self.tb)

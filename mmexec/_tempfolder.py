@@ -1,0 +1,100 @@
+"""Private folders and files for dumps.
+
+A folder is created 0700 with an unguessable name and registered with loky's
+resource tracker, so that a parent killed with SIGKILL leaves nothing behind
+once the tracker notices. Files are created ``O_EXCL`` and 0600.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+
+from loky.backend import resource_tracker
+
+from ._errors import TempFolderError
+from ._options import ENV_TEMP_FOLDER
+
+__all__ = [
+    "FOLDER_PREFIX",
+    "check_room",
+    "create_private_file",
+    "free_bytes",
+    "no_room_error",
+    "make_private_folder",
+    "remove_private_folder",
+    "unlink_quietly",
+]
+
+FOLDER_PREFIX = "mmexec-"
+_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def make_private_folder(parent: str) -> str:
+    """Create ``parent/mmexec-<pid>-<random>`` with mode 0700 and track it."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        path = os.path.join(parent, f"{FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(12)}")
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise TempFolderError(
+            exc.errno,
+            f"cannot create a private folder in {parent!r}: {exc.strerror}. "
+            f"Choose a writable folder with temp_folder=... or the {ENV_TEMP_FOLDER} "
+            "environment variable.",
+        ) from exc
+    resource_tracker.register(path, "folder")
+    return path
+
+
+def remove_private_folder(path: str) -> None:
+    """Delete a folder made by :func:`make_private_folder` and everything in it."""
+    shutil.rmtree(path, ignore_errors=True)
+    resource_tracker.unregister(path, "folder")
+
+
+def create_private_file(folder: str, suffix: str = ".mmap") -> tuple[int, str]:
+    """Create a new 0600 file with an unguessable name; return ``(fd, path)``."""
+    path = os.path.join(folder, secrets.token_hex(16) + suffix)
+    fd = os.open(path, _FILE_FLAGS, 0o600)
+    return fd, path
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove a file that may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def free_bytes(folder: str) -> int:
+    """Bytes available to this user in ``folder``'s file system."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def check_room(folder: str, nbytes: int) -> None:
+    """Raise :class:`TempFolderError` when ``folder`` has no room for ``nbytes``."""
+    free = free_bytes(folder)
+    if nbytes > free:
+        raise no_room_error(folder, nbytes, free)
+
+
+def no_room_error(folder: str, nbytes: int, free: int | None = None) -> TempFolderError:
+    """The error for a full folder: names it, the bytes needed and free, and the fix."""
+    if free is None:
+        try:
+            free = free_bytes(folder)
+        except OSError:
+            free = -1
+    return TempFolderError(
+        errno.ENOSPC,
+        f"not enough space in {folder!r} to memory-map an array: {nbytes:,} bytes "
+        f"needed, {free:,} bytes free. Pass temp_folder=... (or set the "
+        f"{ENV_TEMP_FOLDER} environment variable) to a folder with more room, or "
+        "raise max_nbytes / pass max_nbytes=None to send arrays by pickling.",
+    )
