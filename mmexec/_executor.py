@@ -182,7 +182,7 @@ class MemmapExecutor(Executor):
                 fut.cancel()
         if wait:
             wait_futures(pending)
-            self._finalizer()
+            self._store.close()
         else:
             self._close_if_idle()
 
@@ -263,7 +263,7 @@ class MemmapExecutor(Executor):
         with self._lock:
             idle = not self._pending and self._inflight == 0
         if idle:
-            self._finalizer()
+            self._store.close()
 
 
 def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:

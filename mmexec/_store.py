@@ -247,14 +247,13 @@ class MemmapStore:
         return self._closed
 
     def close(self) -> None:
-        """Delete every file and folder this store made. Idempotent."""
+        """Delete every file and folder this store made. Idempotent; returns when done."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            folders = list(self._folders.values())
             self._counts.clear()
             self._dumps.clear()
-        for folder in folders:
-            _OWNERS.pop(folder, None)
-            remove_private_folder(folder)
+            for folder in self._folders.values():
+                _OWNERS.pop(folder, None)
+                remove_private_folder(folder)

@@ -1,0 +1,86 @@
+"""Functions the tests send to workers (importable by reference in workers)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from mmexec import has_shareable_memory
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def square(x: Any) -> Any:
+    return x * x
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def raise_value_error(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def pid(_: Any = None) -> int:
+    return os.getpid()
+
+
+def wait_event(path: str, timeout: float = 30.0) -> str:
+    """Block until ``path`` exists (a cross-process event), then return it."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return path
+
+
+def describe(x: Any) -> dict[str, Any]:
+    """What a worker sees of an argument."""
+    return {
+        "type": type(x).__name__,
+        "shareable": has_shareable_memory(x) if isinstance(x, np.ndarray) else None,
+        "writeable": x.flags.writeable if isinstance(x, np.ndarray) else None,
+        "sum": float(x.sum()) if isinstance(x, np.ndarray) and x.dtype.kind in "biuf" else None,
+        "bytes": np.ascontiguousarray(x).tobytes() if isinstance(x, np.ndarray) and x.nbytes < 2**16 else None,
+    }
+
+
+def describe_tree(tree: Any) -> Any:
+    """Apply :func:`describe` to every array in nested lists/tuples/dicts/objects."""
+    if isinstance(tree, np.ndarray):
+        return describe(tree)
+    if isinstance(tree, dict):
+        return {k: describe_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [describe_tree(v) for v in tree]
+    if hasattr(tree, "__dict__"):
+        return {k: describe_tree(v) for k, v in vars(tree).items()}
+    return tree
+
+
+def fill(a: np.ndarray, value: float) -> None:
+    a[...] = value
+
+
+def write_row_sum(inp: np.ndarray, out: np.ndarray, i: int) -> None:
+    out[i] = inp[i].sum()
+
+
+def make_array(n: int, value: float = 1.0) -> np.ndarray:
+    return np.full(n, value)
+
+
+def slice_of(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return a[start:stop]
+
+
+def thread_count() -> int:
+    return threading.active_count()

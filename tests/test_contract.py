@@ -1,0 +1,214 @@
+"""The concurrent.futures contract, run on ProcessPoolExecutor and MemmapExecutor alike."""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    BrokenExecutor,
+    CancelledError,
+    Future,
+    as_completed,
+    wait,
+)
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+from _tasks import add, pid, raise_value_error, square, wait_event
+
+from mmexec import MemmapExecutor
+
+_state: dict[str, object] = {}
+
+
+def _init(value: object) -> None:
+    _state["value"] = value
+
+
+def _read_state() -> object:
+    return _state.get("value")
+
+
+def _bad_init() -> None:
+    raise RuntimeError("initializer failed on purpose")
+
+
+def _exit_worker() -> None:
+    os._exit(3)
+
+
+def _wait_until_started(fut: Future) -> None:
+    """Block until the pool has handed ``fut`` to a worker (its state says RUNNING)."""
+    while not fut.running() and not fut.done():
+        wait([fut], timeout=0.01)
+
+
+def test_submit_returns_a_standard_future(executor):
+    """submit() returns a concurrent.futures.Future holding the call's result."""
+    fut = executor.submit(add, 2, b=3)
+    assert isinstance(fut, Future)
+    assert fut.result(timeout=60) == 5
+
+
+def test_map_keeps_input_order_over_several_iterables(executor):
+    """map() zips its iterables, stops at the shortest, and yields in input order."""
+    assert list(executor.map(add, range(50), range(100, 140))) == [i + 100 + i for i in range(40)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 100])
+def test_map_chunksize_does_not_change_results(executor, chunksize):
+    """Any chunksize gives the same results in the same order."""
+    assert list(executor.map(square, range(20), chunksize=chunksize)) == [i * i for i in range(20)]
+
+
+def test_map_rejects_chunksize_below_one(executor):
+    """chunksize < 1 is a ValueError, as in the stdlib."""
+    with pytest.raises(ValueError, match="chunksize"):
+        executor.map(square, range(3), chunksize=0)
+
+
+def test_map_raises_at_the_failing_item(executor):
+    """Results before a failing call are yielded, then its exception is raised."""
+    it = executor.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5])
+    assert next(it) == (0, 1)
+    assert next(it) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(it)
+
+
+def test_map_timeout_raises_builtin_timeout_error(executor, tmp_path):
+    """A map() result not ready within ``timeout`` raises TimeoutError."""
+    never = str(tmp_path / "never")
+    it = executor.map(wait_event, [never], [5.0], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        next(it)
+    open(never, "w").close()
+
+
+def test_task_exception_reaches_caller_with_remote_traceback(executor):
+    """A task's exception is re-raised with its type, message and the worker's traceback."""
+    fut = executor.submit(raise_value_error, "boom")
+    with pytest.raises(ValueError, match="boom") as info:
+        fut.result(timeout=60)
+    text = "".join(traceback.format_exception(info.value))
+    assert "raise_value_error" in text
+
+
+def test_as_completed_and_wait_accept_the_futures(executor):
+    """as_completed() and wait() work with the executor's futures."""
+    futures = [executor.submit(square, i) for i in range(10)]
+    assert sorted(f.result() for f in as_completed(futures, timeout=60)) == [i * i for i in range(10)]
+    done, not_done = wait(futures, timeout=60, return_when=FIRST_COMPLETED)
+    assert done and len(done) + len(not_done) == 10
+
+
+def test_done_callback_runs_with_the_future(executor):
+    """add_done_callback() receives the finished future."""
+    seen: list[int] = []
+    called = threading.Event()
+
+    def callback(f: Future) -> None:
+        seen.append(f.result())
+        called.set()
+
+    executor.submit(square, 7).add_done_callback(callback)
+    assert called.wait(timeout=60)
+    assert seen == [49]
+
+
+def test_submit_after_shutdown_raises_runtime_error(executor):
+    """A shut-down executor refuses new work with RuntimeError."""
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(square, 2)
+
+
+def test_context_manager_waits_for_tasks(executor_class):
+    """Leaving the with-block waits for every submitted task."""
+    with executor_class(max_workers=2) as ex:
+        futures = [ex.submit(square, i) for i in range(8)]
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [i * i for i in range(8)]
+
+
+def test_shutdown_cancel_futures_cancels_queued_tasks(executor_class, tmp_path):
+    """shutdown(cancel_futures=True) cancels tasks that have not started."""
+    go = str(tmp_path / "go")
+    ex = executor_class(max_workers=1)
+    try:
+        blocker = ex.submit(wait_event, go)
+        _wait_until_started(blocker)
+        queued = [ex.submit(square, i) for i in range(20)]
+        ex.shutdown(wait=False, cancel_futures=True)
+        open(go, "w").close()
+        assert blocker.result(timeout=60) == go
+        cancelled = [f for f in queued if f.cancelled()]
+        assert cancelled, "no queued task was cancelled"
+        for f in cancelled:
+            with pytest.raises(CancelledError):
+                f.result()
+    finally:
+        open(go, "w").close()
+        ex.shutdown(wait=True)
+
+
+def test_cancel_running_future_returns_false(executor, tmp_path):
+    """A running task cannot be cancelled; a finished one reports done."""
+    go = str(tmp_path / "go")
+    fut = executor.submit(wait_event, go)
+    _wait_until_started(fut)
+    assert fut.cancel() is False
+    open(go, "w").close()
+    assert fut.result(timeout=60) == go
+
+
+def test_initializer_runs_before_tasks(executor_class):
+    """initializer(*initargs) runs in each worker before its tasks."""
+    with executor_class(2, None, _init, ("ready",)) as ex:
+        assert set(ex.map(_read_state, *[[]] * 0)) == set()
+        assert {ex.submit(_read_state).result(timeout=60) for _ in range(4)} == {"ready"}
+
+
+def test_failing_initializer_breaks_the_executor(executor_class):
+    """If the initializer raises, futures raise BrokenExecutor."""
+    ex = executor_class(1, None, _bad_init)
+    try:
+        with pytest.raises(BrokenExecutor):
+            ex.submit(square, 2).result(timeout=60)
+    finally:
+        ex.shutdown(wait=True)
+
+
+def test_dead_worker_gives_broken_process_pool(executor_class):
+    """A worker that exits abruptly fails its future with BrokenProcessPool, and the executor stays broken."""
+    ex = executor_class(max_workers=2)
+    try:
+        fut = ex.submit(_exit_worker)
+        with pytest.raises(BrokenProcessPool):
+            fut.result(timeout=60)
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(square, 2).result(timeout=60)
+    finally:
+        ex.shutdown(wait=True)
+    with executor_class(max_workers=2) as fresh:
+        assert fresh.submit(square, 3).result(timeout=60) == 9
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_workers_must_be_positive(executor_class, bad):
+    """max_workers <= 0 is a ValueError."""
+    with pytest.raises(ValueError):
+        executor_class(max_workers=bad)
+
+
+def test_second_executor_reuses_warm_workers():
+    """A second MemmapExecutor, even with other memmap options, runs on the same worker processes."""
+    with MemmapExecutor(2) as first:
+        first.submit(square, 1).result(timeout=60)
+        workers = set(first._pool._processes)
+        pool = first._pool
+    with MemmapExecutor(2, max_nbytes=None, mmap_mode="c") as second:
+        assert second._pool is pool
+        assert {second.submit(pid).result(timeout=60) for _ in range(4)} <= workers
