@@ -1,0 +1,133 @@
+"""Where dumps go, who can read them, and when they are deleted."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from _tasks import describe
+
+import mmexec._store as store_module
+from mmexec import MemmapExecutor, TempFolderError
+
+
+def test_files_are_private_and_unguessable(mx):
+    """The folder is 0700 and each dump 0600, with long random names."""
+    a = np.ones(100_000)
+    mx.submit(describe, a).result()
+    folder = mx._store.folder
+    (name,) = os.listdir(folder)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == 0o600
+    assert re.fullmatch(rf"mmexec-{os.getpid()}-[0-9a-f]{{24}}", os.path.basename(folder))
+    assert re.fullmatch(r"[0-9a-f]{32}\.mmap", name)
+
+
+def test_default_folder_is_dev_shm(mx, monkeypatch):
+    """Without temp_folder or MMEXEC_TEMP_FOLDER, dumps go to /dev/shm."""
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    assert os.path.dirname(mx._store.folder) == "/dev/shm"
+
+
+def test_temp_folder_argument_wins_over_environment(tmp_path, monkeypatch):
+    """temp_folder= comes first, then MMEXEC_TEMP_FOLDER."""
+    monkeypatch.setenv("MMEXEC_TEMP_FOLDER", str(tmp_path / "env"))
+    with MemmapExecutor(1, temp_folder=tmp_path / "arg") as ex:
+        assert os.path.dirname(ex._store.folder) == str(tmp_path / "arg")
+    with MemmapExecutor(1) as ex:
+        assert os.path.dirname(ex._store.folder) == str(tmp_path / "env")
+        a = np.ones(300_000)
+        ex.submit(describe, a).result()
+        assert len(os.listdir(ex._store.folder)) == 1
+    assert os.listdir(tmp_path / "env") == []
+
+
+def test_user_folder_is_left_in_place(tmp_path):
+    """A folder the user chose is theirs: only mmexec's own subfolder is deleted."""
+    with MemmapExecutor(1, temp_folder=tmp_path) as ex:
+        ex.submit(describe, np.ones(300_000)).result()
+    assert tmp_path.is_dir() and os.listdir(tmp_path) == []
+
+
+def test_full_shm_falls_back_to_system_temp(mx, monkeypatch):
+    """When /dev/shm has no room and no folder was chosen, the dump goes to the system temp folder."""
+    real = store_module.free_bytes
+    monkeypatch.setattr(store_module, "free_bytes", lambda f: 0 if f.startswith("/dev/shm") else real(f))
+    a = np.ones(100_000)
+    assert mx.submit(describe, a).result()["type"] == "memmap"
+    fallback = [f for f in mx._store._folders.values() if f.startswith(tempfile.gettempdir())]
+    assert fallback and len(os.listdir(fallback[0])) == 1
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path) -> Iterator[str]:
+    """A real 1 MiB tmpfs (needs root and mount); skipped where that is not allowed."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_temp_folder_error_says_what_to_do(tiny_tmpfs):
+    """A dump that does not fit fails its future with TempFolderError naming folder, sizes and the fix."""
+    with MemmapExecutor(1, temp_folder=tiny_tmpfs) as ex:
+        fut = ex.submit(describe, np.ones(2**18))
+        with pytest.raises(TempFolderError) as info:
+            fut.result()
+        message = str(info.value)
+        assert tiny_tmpfs in message and "2,097,152 bytes needed" in message
+        assert "temp_folder" in message and "MMEXEC_TEMP_FOLDER" in message
+        assert isinstance(info.value, OSError)
+        assert os.listdir(ex._store.folder) == []
+        assert ex.submit(describe, np.ones(10)).result()["sum"] == 10.0
+
+
+def test_disk_full_during_write_removes_partial_file(tiny_tmpfs, monkeypatch):
+    """If the disk fills up while writing, the partial dump is removed and the error is clear."""
+    monkeypatch.setattr(store_module, "free_bytes", lambda f: 2**40)
+    with MemmapExecutor(1, temp_folder=tiny_tmpfs) as ex:
+        with pytest.raises(TempFolderError, match="not enough space"):
+            ex.submit(describe, np.ones(2**18)).result()
+        assert os.listdir(ex._store.folder) == []
+    assert os.listdir(tiny_tmpfs) == []
+
+
+def test_unwritable_temp_folder_is_a_clear_error(tmp_path):
+    """A temp folder that cannot be created names itself and the way out."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with MemmapExecutor(1, temp_folder=blocker / "sub") as ex:
+        with pytest.raises(TempFolderError, match="MMEXEC_TEMP_FOLDER"):
+            ex.submit(describe, np.ones(300_000)).result()
+
+
+def test_shutdown_deletes_files_of_live_arrays(tmp_path):
+    """Dumps of arrays the caller still holds are deleted at shutdown."""
+    a = np.ones(300_000)
+    with MemmapExecutor(1, temp_folder=tmp_path) as ex:
+        ex.submit(describe, a).result()
+        folder = ex._store.folder
+        assert len(os.listdir(folder)) == 1
+    assert not os.path.exists(folder)
+
+
+def test_results_stay_valid_after_shutdown():
+    """A large result stays readable after its executor shut down (its file is already unlinked)."""
+    with MemmapExecutor(1, max_nbytes="64K") as ex:
+        r = ex.submit(np.full, 100_000, 4.0).result()
+    assert r.sum() == 400_000.0
