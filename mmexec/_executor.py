@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -41,6 +42,7 @@ import cloudpickle
 import loky
 from loky import BrokenProcessPool
 
+from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
 from ._reducer import Call, WorkerContext, encode_task, run_task
 from ._store import Holds, MemmapStore, Session
@@ -54,6 +56,26 @@ T = TypeVar("T")
 POOL_IDLE_TIMEOUT = 300
 #: map() with chunksize=None cuts the calls into about this many chunks per worker.
 _CHUNKS_PER_WORKER = 8
+
+
+def _check_main_guard() -> None:
+    """Refuse to start a pool while a child process re-runs the parent's script.
+
+    multiprocessing's spawn children run the parent's script as ``__mp_main__``;
+    an executor created at its top level (no ``if __name__ == "__main__":``
+    guard) would start a pool in every child, and so on. (loky's own workers
+    never re-run the script, so this only fires under other pools.)
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            raise MainGuardError(
+                "MemmapExecutor was created while a child process was importing the main "
+                f"script {frame.f_globals.get('__file__', '?')!r}: its top-level code runs again "
+                "in every child process. Move the code that creates executors or calls "
+                'Parallel under `if __name__ == "__main__":`.'
+            )
+        frame = frame.f_back
 
 
 def _shared_pool(max_workers: int) -> Any:
@@ -124,6 +146,7 @@ class MemmapExecutor(Executor):
                 "workers across executors. Use concurrent.futures.ProcessPoolExecutor "
                 "if workers must be replaced after a number of tasks."
             )
+        _check_main_guard()
         self._max_workers = max_workers
         self._store = MemmapStore(parse_max_nbytes(max_nbytes), validate_mmap_mode(mmap_mode), temp_folder)
         blob = None if initializer is None else cloudpickle.dumps((initializer, tuple(initargs)))

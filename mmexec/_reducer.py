@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
+import time
 import traceback
 import weakref
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import cloudpickle
 import numpy as np
 
 from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, open_ref, open_whole, write_array
-from ._store import ArrayStore, Holds, owner_of
+from ._store import ArrayStore, Holds, folder_owner, owner_of
 from ._tempfolder import create_private_file
 
 __all__ = ["Call", "WorkerContext", "decode_result", "encode_task", "run_task"]
@@ -102,13 +104,13 @@ def _open_shared(ref: ArrayRef) -> np.memmap:
     """Map a file; in the caller, keep it alive as long as the map if a store owns it."""
     whole = open_whole(ref.path, ref.mode)
     store = owner_of(ref.path)
-    if store is not None and store.hold(ref.path):
-        weakref.finalize(whole, store.release, ref.path)
+    if store is not None and store.hold(ref.path, mapped=True):
+        weakref.finalize(whole, store.release, ref.path, True)
     return whole
 
 
 def _open_result(ref: ArrayRef) -> np.ndarray:
-    store = owner_of(ref.path)
+    store = folder_owner(os.path.dirname(ref.path))
     if store is None:
         raise RuntimeError(
             f"a task's result was written to {ref.path!r}, but its executor was shut down "
@@ -146,7 +148,7 @@ class _ResultPickler(cloudpickle.Pickler):
             return None
         mm = backing_memmap(obj)
         if mm is not None and mm.mode != "c":
-            path = os.path.abspath(mm.filename)  # type: ignore[arg-type]
+            path = os.fspath(mm.filename)  # type: ignore[arg-type]
             mode = "r+" if mm.mode in ("r+", "w+") else "r"
             return ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode)
         return self._dump(obj)
@@ -174,6 +176,30 @@ def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
 
 
 _initialized: dict[str, BaseException | None] = {}
+_watchdog: threading.Thread | None = None
+#: How often a worker checks that the process that started it is still alive.
+PARENT_CHECK_INTERVAL = 0.5
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_CHECK_INTERVAL)
+        if os.getppid() != parent:
+            os._exit(1)  # the caller died: nobody wants our results, free our maps now
+
+
+def _ensure_watchdog() -> None:
+    """Make this worker exit soon after its parent dies, even in the middle of a task.
+
+    Then loky's resource tracker sees every process gone and removes the
+    caller's folder within seconds instead of after the idle timeout.
+    """
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = threading.Thread(
+            target=_exit_when_orphaned, args=(os.getppid(),), name="mmexec-watchdog", daemon=True
+        )
+        _watchdog.start()
 
 
 def _ensure_initialized(ctx: WorkerContext) -> None:
@@ -223,6 +249,7 @@ def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     a chunk returns ``[(True, value) | (False, exception), ...]`` so that one
     failing call does not hide the results of the others.
     """
+    _ensure_watchdog()
     _ensure_initialized(ctx)
     kind, body = _Unpickler(payload).load()
     if kind == "call":

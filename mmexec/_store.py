@@ -1,10 +1,21 @@
 """Where dumped arrays live, and for how long.
 
 A :class:`MemmapStore` turns arrays into :class:`ArrayRef` s. It dumps each
-qualifying array once, into a private folder, and counts who still needs each
-file: the caller's array while it is alive, every pending task that refers to
-it, and every result array mapped from it. When the count drops to zero the
-file is deleted; :meth:`MemmapStore.close` deletes everything that is left.
+qualifying array once, into a private 0700 folder as a 0600 file with an
+unguessable name, then keeps the file open and **unlinks its name at once**:
+workers open it as ``/proc/<caller pid>/fd/<n>``. So no dump can outlive its
+users, even if the caller and all workers are killed together: the kernel
+frees the memory when the last descriptor and map are gone.
+
+The store counts who still needs each dump: the caller's array while it is
+alive, every pending task that refers to it, and every result array mapped
+from it. When the count drops to zero the descriptor is closed.
+:meth:`MemmapStore.close` drops everything but the maps still alive in
+caller code (those close with their arrays) and removes the folder.
+
+Results travel the other way: a worker writes a large result as a named file
+in the caller's folder; the caller opens it, unlinks it, and keeps it like a
+dump for as long as the result array lives.
 """
 
 from __future__ import annotations
@@ -37,15 +48,25 @@ from ._tempfolder import (
     unlink_quietly,
 )
 
-__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
+__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "folder_owner", "owner_of"]
 
-# folder -> the live store that owns it; lets any store hold a file another made.
+# reference path -> the store that keeps it open; lets any store hold a dump another made.
 _OWNERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
+_PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+# private folder -> the store that made it; results written there belong to it.
+_FOLDERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
 
 
 def owner_of(path: str) -> MemmapStore | None:
-    """The open store whose private folder holds ``path``, if any."""
-    return _OWNERS.get(os.path.dirname(path))
+    """The store that keeps the dump at ``path`` alive, if any."""
+    return _OWNERS.get(path)
+
+
+def folder_owner(folder: str) -> MemmapStore | None:
+    """The open store whose private folder is ``folder``, if any."""
+    return _FOLDERS.get(folder)
 
 
 @dataclass
@@ -96,7 +117,9 @@ class MemmapStore:
         self._base, self._explicit = resolve_temp_folder(temp_folder)
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # reference path -> users
+        self._mapped: dict[str, int] = {}  # reference path -> users that are live maps
+        self._fds: dict[str, int] = {}  # reference path -> descriptor keeping it alive
         self._dumps: dict[int, _Dump] = {}
         self._closed = False
 
@@ -113,7 +136,7 @@ class MemmapStore:
             folder = self._folders.get(base)
             if folder is None:
                 folder = self._folders[base] = make_private_folder(base)
-                _OWNERS[folder] = self
+                _FOLDERS[folder] = self
             return folder
 
     def _folder_for(self, nbytes: int) -> str:
@@ -127,31 +150,56 @@ class MemmapStore:
         raise no_room_error(self._base, nbytes)
 
     # -- reference counts ------------------------------------------------
-    def hold(self, path: str) -> bool:
-        """Count one more user of ``path``; False if it is already gone."""
+    def _keep(self, fd: int, path: str, users: int) -> str:
+        """Start counting a freshly written file; return the path tasks use to open it."""
+        if _PROC_FD:
+            unlink_quietly(path)
+            ref_path = f"/proc/{os.getpid()}/fd/{fd}"
+        else:  # no procfs: keep the name, delete it when unused
+            os.close(fd)
+            fd, ref_path = -1, path
+        with self._lock:
+            self._fds[ref_path] = fd
+            self._counts[ref_path] = users
+            _OWNERS[ref_path] = self
+        return ref_path
+
+    def hold(self, path: str, mapped: bool = False) -> bool:
+        """Count one more user of ``path``; False if it is gone or the store is closed.
+
+        ``mapped`` users are live maps in caller code; they outlive :meth:`close`.
+        """
         with self._lock:
             count = self._counts.get(path)
-            if count is None:
+            if count is None or (self._closed and not mapped):
                 return False
             self._counts[path] = count + 1
+            if mapped:
+                self._mapped[path] = self._mapped.get(path, 0) + 1
             return True
 
-    def release(self, path: str) -> None:
-        """Count one user fewer; delete the file when none is left."""
+    def release(self, path: str, mapped: bool = False) -> None:
+        """Count one user fewer; close (or delete) the dump when none is left."""
         with self._lock:
             count = self._counts.get(path)
             if count is None:
                 return
+            if mapped:
+                self._mapped[path] -= 1
             if count > 1:
                 self._counts[path] = count - 1
                 return
-            del self._counts[path]
-        unlink_quietly(path)
+            self._discard(path)
 
-    def adopt(self, path: str) -> None:
-        """Start counting a file a worker wrote into our folder (one user)."""
-        with self._lock:
-            self._counts[path] = self._counts.get(path, 0) + 1
+    def _discard(self, path: str) -> None:
+        del self._counts[path]
+        self._mapped.pop(path, None)
+        _OWNERS.pop(path, None)
+        fd = self._fds.pop(path)
+        if fd >= 0:
+            os.close(fd)
+        else:
+            unlink_quietly(path)
 
     # -- arrays -> refs --------------------------------------------------
     def ref_for(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
@@ -170,7 +218,7 @@ class MemmapStore:
         return self._dump_ref(a, holds)
 
     def _memmap_ref(self, a: np.ndarray, mm: np.memmap, holds: Holds) -> ArrayRef | None:
-        path = os.path.abspath(mm.filename)  # type: ignore[arg-type]
+        path = os.fspath(mm.filename)  # type: ignore[arg-type]
         owner = owner_of(path)
         if owner is not None:
             if not owner.hold(path):
@@ -209,17 +257,15 @@ class MemmapStore:
         fd, path = create_private_file(folder)
         try:
             write_array(fd, path, a)
-        finally:
+        except BaseException:
             os.close(fd)
-        order = layout_order(a)
-        ref = ArrayRef(path, a.dtype, a.shape, None, 0, order, self.mmap_mode)
+            unlink_quietly(path)
+            raise
+        ref_path = self._keep(fd, path, users=1)  # held by the caller's array while it lives
+        ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=path: self._forget(k, p)), path, ref)
+        dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=ref_path: self._forget(k, p)), ref_path, ref)
         with self._lock:
-            if self._closed:
-                unlink_quietly(path)
-                raise RuntimeError("this executor's temp folder was removed at shutdown")
-            self._counts[path] = 1  # held by the caller's array while it lives
             old = self._dumps.get(key)
             self._dumps[key] = dump
         if old is not None:
@@ -235,10 +281,13 @@ class MemmapStore:
 
     # -- results ---------------------------------------------------------
     def open_result(self, ref: ArrayRef) -> np.ndarray:
-        """Map a result a worker dumped into our folder; the file goes with the array."""
-        whole = open_whole(ref.path, "r+")
-        self.adopt(ref.path)
-        weakref.finalize(whole, self.release, ref.path)
+        """Map a result a worker wrote into our folder; it lives as long as the array."""
+        fd = os.open(ref.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        ref_path = self._keep(fd, ref.path, users=1)
+        with self._lock:
+            self._mapped[ref_path] = 1
+        whole = open_whole(ref_path, "r+")
+        weakref.finalize(whole, self.release, ref_path, True)
         return open_ref(ref, whole).view(np.ndarray)
 
     # -- end -------------------------------------------------------------
@@ -247,13 +296,18 @@ class MemmapStore:
         return self._closed
 
     def close(self) -> None:
-        """Delete every file and folder this store made. Idempotent; returns when done."""
+        """Drop every dump not mapped in caller code and remove the folders. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._counts.clear()
             self._dumps.clear()
+            for path in list(self._counts):
+                mapped = self._mapped.get(path, 0)
+                if mapped:
+                    self._counts[path] = mapped
+                else:
+                    self._discard(path)
             for folder in self._folders.values():
-                _OWNERS.pop(folder, None)
+                _FOLDERS.pop(folder, None)
                 remove_private_folder(folder)

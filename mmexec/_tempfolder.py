@@ -25,6 +25,7 @@ __all__ = [
     "no_room_error",
     "make_private_folder",
     "remove_private_folder",
+    "sweep_stale_folders",
     "unlink_quietly",
 ]
 
@@ -32,8 +33,36 @@ FOLDER_PREFIX = "mmexec-"
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
+def sweep_stale_folders(parent: str) -> None:
+    """Remove our folders left in ``parent`` by processes of this user that no longer exist.
+
+    Only a process killed together with loky's resource tracker (SIGKILL of a
+    whole process group) leaves one behind, and then it holds at most the
+    results that were in transit.
+    """
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(FOLDER_PREFIX):
+            continue
+        pid_text = name[len(FOLDER_PREFIX) :].split("-", 1)[0]
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != uid or not entry.is_dir(follow_symlinks=False):
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
 def make_private_folder(parent: str) -> str:
     """Create ``parent/mmexec-<pid>-<random>`` with mode 0700 and track it."""
+    sweep_stale_folders(parent)
     try:
         os.makedirs(parent, exist_ok=True)
         path = os.path.join(parent, f"{FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(12)}")

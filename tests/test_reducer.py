@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from _tasks import describe, describe_tree, fill, identity, make_array, slice_of
+from _tasks import describe, describe_tree, fill, identity, live_dumps, make_array, slice_of
 
 from mmexec import MemmapExecutor, has_shareable_memory
 
@@ -16,7 +16,7 @@ K64 = 2**16
 
 
 def files_in(ex: MemmapExecutor) -> list[str]:
-    return sorted(os.listdir(ex._store.folder))
+    return live_dumps(ex)
 
 
 def test_threshold_is_inclusive(mx):

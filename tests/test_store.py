@@ -12,22 +12,24 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _tasks import describe
+from _tasks import describe, live_dumps
 
 import mmexec._store as store_module
 from mmexec import MemmapExecutor, TempFolderError
 
 
 def test_files_are_private_and_unguessable(mx):
-    """The folder is 0700 and each dump 0600, with long random names."""
+    """The folder is 0700 and each dump 0600, with a long random name, unlinked once written."""
     a = np.ones(100_000)
     mx.submit(describe, a).result()
     folder = mx._store.folder
-    (name,) = os.listdir(folder)
+    ((path, fd),) = mx._store._fds.items()
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == 0o600
+    assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
     assert re.fullmatch(rf"mmexec-{os.getpid()}-[0-9a-f]{{24}}", os.path.basename(folder))
-    assert re.fullmatch(r"[0-9a-f]{32}\.mmap", name)
+    target = os.readlink(path)
+    assert re.fullmatch(rf"{re.escape(folder)}/[0-9a-f]{{32}}\.mmap \(deleted\)", target)
+    assert os.listdir(folder) == []
 
 
 def test_default_folder_is_dev_shm(mx, monkeypatch):
@@ -46,7 +48,7 @@ def test_temp_folder_argument_wins_over_environment(tmp_path, monkeypatch):
         assert os.path.dirname(ex._store.folder) == str(tmp_path / "env")
         a = np.ones(300_000)
         ex.submit(describe, a).result()
-        assert len(os.listdir(ex._store.folder)) == 1
+        assert [p.startswith(str(tmp_path / "env")) for p in live_dumps(ex)] == [True]
     assert os.listdir(tmp_path / "env") == []
 
 
@@ -64,7 +66,7 @@ def test_full_shm_falls_back_to_system_temp(mx, monkeypatch):
     a = np.ones(100_000)
     assert mx.submit(describe, a).result()["type"] == "memmap"
     fallback = [f for f in mx._store._folders.values() if f.startswith(tempfile.gettempdir())]
-    assert fallback and len(os.listdir(fallback[0])) == 1
+    assert fallback and [p.startswith(fallback[0]) for p in live_dumps(mx)] == [True]
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ def test_full_temp_folder_error_says_what_to_do(tiny_tmpfs):
         assert tiny_tmpfs in message and "2,097,152 bytes needed" in message
         assert "temp_folder" in message and "MMEXEC_TEMP_FOLDER" in message
         assert isinstance(info.value, OSError)
-        assert os.listdir(ex._store.folder) == []
+        assert os.listdir(ex._store.folder) == [] and live_dumps(ex) == []
         assert ex.submit(describe, np.ones(10)).result()["sum"] == 10.0
 
 
@@ -117,13 +119,13 @@ def test_unwritable_temp_folder_is_a_clear_error(tmp_path):
 
 
 def test_shutdown_deletes_files_of_live_arrays(tmp_path):
-    """Dumps of arrays the caller still holds are deleted at shutdown."""
+    """Dumps of arrays the caller still holds are released at shutdown."""
     a = np.ones(300_000)
     with MemmapExecutor(1, temp_folder=tmp_path) as ex:
         ex.submit(describe, a).result()
         folder = ex._store.folder
-        assert len(os.listdir(folder)) == 1
-    assert not os.path.exists(folder)
+        assert len(live_dumps(ex)) == 1
+    assert not os.path.exists(folder) and live_dumps(ex) == []
 
 
 def test_results_stay_valid_after_shutdown():

@@ -1,0 +1,229 @@
+"""Failure paths, for real: each row breaks one phase of a task in one way.
+
+After every row the caller sees the documented exception, nothing of ours is
+left in the temp folder, and a new executor works (the old one too, unless a
+worker died).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+from _tasks import describe, live_dumps, square
+
+from mmexec import MemmapExecutor
+
+
+def _die(how: str) -> None:
+    if how == "exception":
+        raise RuntimeError("failure on purpose")
+    if how == "exit":
+        os._exit(7)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "sigsegv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class FailOnUnpickle:
+    """Pickles fine in the caller; rebuilding it in the worker fails."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self):
+        return _die, (self.how,)
+
+
+class FailOnPickle:
+    """Cannot even be pickled in the caller (or in the worker, as a result)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self):
+        _die(self.how)
+        raise TypeError("FailOnPickle cannot be pickled")
+
+
+def run_and_fail(how: str, big: np.ndarray) -> None:
+    _die(how)
+
+
+def return_unpicklable(how: str, big: np.ndarray) -> FailOnPickle:
+    return FailOnPickle(how)
+
+
+def return_failing_on_load(how: str, big: np.ndarray) -> FailOnUnpickle:
+    return FailOnUnpickle(how)
+
+
+def unpickle_and_fail(how: str, big: np.ndarray):
+    return FailOnUnpickle(how)
+
+
+DEAD = (BrokenProcessPool,)
+ROWS = [
+    # phase, how, expected exception
+    ("pickle-in-caller", "exception", RuntimeError),
+    ("unpickle-in-worker", "exception", RuntimeError),
+    ("unpickle-in-worker", "exit", BrokenProcessPool),
+    ("run", "exception", RuntimeError),
+    ("run", "exit", BrokenProcessPool),
+    ("run", "sigkill", BrokenProcessPool),
+    ("run", "sigsegv", BrokenProcessPool),
+    ("pickle-result", "exception", RuntimeError),
+    ("pickle-result", "exit", BrokenProcessPool),
+]
+
+
+def submit_row(ex: MemmapExecutor, phase: str, how: str, big: np.ndarray):
+    if phase == "pickle-in-caller":
+        return ex.submit(describe, FailOnPickle(how), big)
+    if phase == "unpickle-in-worker":
+        return ex.submit(describe, FailOnUnpickle(how), big)
+    if phase == "run":
+        return ex.submit(run_and_fail, how, big)
+    return ex.submit(return_unpicklable, how, big)
+
+
+@pytest.mark.parametrize(("phase", "how", "expected"), ROWS, ids=[f"{p}-{h}" for p, h, _ in ROWS])
+def test_failure_table(phase, how, expected):
+    """Each failure reaches the caller as the documented exception and leaves nothing behind."""
+    big = np.ones(300_000)
+    ex = MemmapExecutor(2)
+    try:
+        healthy = ex.submit(describe, big)
+        assert healthy.result(timeout=60)["type"] == "memmap"
+        with pytest.raises(expected):
+            submit_row(ex, phase, how, big).result(timeout=60)
+        if expected is BrokenProcessPool:
+            with pytest.raises(BrokenProcessPool, match="new MemmapExecutor"):
+                ex.submit(square, 2)
+        else:
+            assert ex.submit(describe, big).result(timeout=60)["sum"] == 300_000
+    finally:
+        ex.shutdown(wait=True)
+    with MemmapExecutor(2) as fresh:
+        assert fresh.submit(describe, big).result(timeout=60)["type"] == "memmap"
+
+
+def test_task_exception_fails_only_its_own_future():
+    """Other tasks of the same map/submit batch still succeed."""
+    with MemmapExecutor(2) as ex:
+        bad = ex.submit(run_and_fail, "exception", None)
+        good = [ex.submit(square, i) for i in range(10)]
+        with pytest.raises(RuntimeError):
+            bad.result(timeout=60)
+        assert [f.result(timeout=60) for f in good] == [i * i for i in range(10)]
+
+
+def test_concurrent_submit_from_threads_dumps_and_cleans():
+    """Eight threads submitting large arrays at once all get correct results, and files go away."""
+    arrays = [np.full(200_000, float(i)) for i in range(8)]
+    results: dict[int, float] = {}
+    with MemmapExecutor(2) as ex:
+
+        def work(i: int) -> None:
+            results[i] = sum(ex.submit(describe, arrays[i]).result(timeout=60)["sum"] for _ in range(5))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(live_dumps(ex)) == 8
+        del arrays
+        gc.collect()
+        assert live_dumps(ex) == []
+    assert results == {i: 5 * 200_000.0 * i for i in range(8)}
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from mmexec import MemmapExecutor
+
+    def slow(a, i):
+        time.sleep(0.05)
+        return float(a[i])
+
+    if __name__ == "__main__":
+        a = np.arange(1_000_000.0)
+        with MemmapExecutor(2) as ex:
+            it = ex.map(slow, [a] * 400, range(400), chunksize=1)
+            next(it)
+            print(ex._store.folder, flush=True)
+            list(it)
+    """
+)
+
+
+def _start(tmp_path) -> tuple[subprocess.Popen[str], str]:
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    folder = proc.stdout.readline().strip()
+    proc.stdout.close()
+    assert folder and os.path.isdir(folder), proc.stderr.read() if proc.stderr else ""
+    return proc, folder
+
+
+def _wait_gone(path: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_map_leaves_nothing(tmp_path):
+    """SIGINT in the caller during map() raises KeyboardInterrupt and the folder is deleted."""
+    proc, folder = _start(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not os.path.exists(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["parent", "process-group"])
+def test_sigkill_of_the_caller_leaves_nothing(tmp_path, group):
+    """After SIGKILL of the caller (or its whole process group) no dump is left in the temp folder.
+
+    Dumps are unlinked as soon as written, so the kernel frees them with the
+    processes; the (empty) folder goes when loky's resource tracker notices,
+    or, if the tracker was killed too, when the next executor starts.
+    """
+    proc, folder = _start(tmp_path)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert not os.path.exists(folder) or os.listdir(folder) == []
+    if not group:
+        assert _wait_gone(folder, timeout=30), f"{folder} still there 30 s after SIGKILL"
+    with MemmapExecutor(1) as ex:
+        ex.submit(describe, np.ones(300_000)).result(timeout=60)
+    assert not os.path.exists(folder)
