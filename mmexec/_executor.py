@@ -6,7 +6,7 @@ before it)::
     caller --submit(fn, *args)--> reducer --------> store ------> pool -------> worker
              map(fn, *its)        encode_task       MemmapStore    loky          run_task
                                   cloudpickle,      dumps each     reusable      maps refs as
-                                  persistent_id     large array    executor,     np.memmap, runs
+                                  reducer_override  large array    executor,     np.memmap, runs
                                   swaps arrays      once into a    shared by     fn, dumps large
                                   for ArrayRefs     private 0700   every         results into the
                                                     folder         executor      same folder
@@ -44,7 +44,7 @@ from loky import BrokenProcessPool
 
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
-from ._reducer import Call, WorkerContext, encode_task, run_task
+from ._reducer import WorkerContext, encode_task, run_task
 from ._store import Holds, MemmapStore, Session
 
 __all__ = ["MemmapExecutor"]
@@ -181,15 +181,15 @@ class MemmapExecutor(Executor):
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        calls: list[Call] = [(fn, args, {}) for args in zip(*iterables)]
-        size = chunksize if chunksize is not None else self._auto_chunksize(len(calls))
+        arglists = list(zip(*iterables))
+        size = chunksize if chunksize is not None else self._auto_chunksize(len(arglists))
         session = Session()
         if size == 1:
-            futures = [self._submit(("call", call), session) for call in calls]
+            futures = [self._submit(("call", (fn, args, {})), session) for args in arglists]
         else:
-            chunks = [calls[i : i + size] for i in range(0, len(calls), size)]
-            futures = [self._submit(("chunk", chunk), session) for chunk in chunks]
-        del calls
+            chunks = [arglists[i : i + size] for i in range(0, len(arglists), size)]
+            futures = [self._submit(("map", fn, chunk), session) for chunk in chunks]
+        del arglists
         return _iter_results(futures, end, chunked=size != 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -303,11 +303,13 @@ def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) 
             if not chunked:
                 yield value
                 continue
-            for ok, item in value:
-                if not ok:
-                    raise item
-                yield item
+            values, errors = value
             del value
+            for i, item in enumerate(values):
+                if i in errors:
+                    raise errors[i]
+                yield item
+            del values, errors
     finally:
         for fut in futures:
             fut.cancel()

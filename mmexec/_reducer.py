@@ -1,7 +1,7 @@
 """Pickling across the process boundary, both ways.
 
 Caller side, :func:`encode_task` pickles ``(fn, args, kwargs)`` with
-cloudpickle; its ``persistent_id`` hook asks the store for a reference for
+cloudpickle; its ``reducer_override`` hook asks the store for a reference for
 every ndarray, wherever it sits, so large arrays travel as a few bytes.
 
 Worker side, :func:`run_task` (the function loky actually runs) rebuilds the
@@ -37,15 +37,23 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 # --------------------------------------------------------------------- caller
 class _TaskPickler(cloudpickle.Pickler):
+    """cloudpickle, with ndarrays swapped for the store's references.
+
+    ``reducer_override`` (unlike ``persistent_id``) is not called for ints,
+    floats, strings, lists, tuples and dicts, so large argument lists stay cheap.
+    """
+
     def __init__(self, file: io.BytesIO, store: ArrayStore, holds: Holds) -> None:
         super().__init__(file, protocol=_PROTOCOL)
         self._store = store
         self._holds = holds
 
-    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+    def reducer_override(self, obj: Any) -> Any:  # noqa: D102
         if isinstance(obj, np.ndarray):
-            return self._store.ref_for(obj, self._holds)
-        return None
+            ref = self._store.ref_for(obj, self._holds)
+            if ref is not None:
+                return _load_ref, (ref,)
+        return super().reducer_override(obj)
 
 
 def encode_task(task: Any, store: ArrayStore, holds: Holds) -> bytes:
@@ -65,13 +73,6 @@ class WorkerContext:
     initializer: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
-class _ResultRef:
-    """A result array a worker dumped into the caller's folder."""
-
-    ref: ArrayRef
-
-
 class _RemoteTraceback(Exception):
     def __init__(self, tb: str) -> None:
         super().__init__(tb)
@@ -86,18 +87,28 @@ def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
     return exc
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
-        self._maps: dict[tuple[str, str], np.memmap] = {}
+_local = threading.local()  # .maps: files mapped while loading one payload
 
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D102
-        if isinstance(pid, _ResultRef):
-            return _open_result(pid.ref)
-        whole = self._maps.get((pid.path, pid.mode))
-        if whole is None:
-            whole = self._maps[(pid.path, pid.mode)] = _open_shared(pid)
-        return open_ref(pid, whole)
+
+def _load_ref(ref: ArrayRef) -> np.memmap:
+    """Unpickling an array reference: map its file (once per payload) and view it."""
+    maps: dict[tuple[str, str], np.memmap] | None = getattr(_local, "maps", None)
+    key = (ref.path, ref.mode)
+    whole = None if maps is None else maps.get(key)
+    if whole is None:
+        whole = _open_shared(ref)
+        if maps is not None:
+            maps[key] = whole
+    return open_ref(ref, whole)
+
+
+def _loads(data: bytes) -> Any:
+    """Unpickle a payload, mapping each file it refers to once."""
+    _local.maps = {}
+    try:
+        return pickle.loads(data)
+    finally:
+        _local.maps = None
 
 
 def _open_shared(ref: ArrayRef) -> np.memmap:
@@ -109,7 +120,8 @@ def _open_shared(ref: ArrayRef) -> np.memmap:
     return whole
 
 
-def _open_result(ref: ArrayRef) -> np.ndarray:
+def _load_result(ref: ArrayRef) -> np.ndarray:
+    """Unpickling a result a worker wrote into the caller's folder."""
     store = folder_owner(os.path.dirname(ref.path))
     if store is None:
         raise RuntimeError(
@@ -121,7 +133,7 @@ def _open_result(ref: ArrayRef) -> np.ndarray:
 
 def decode_result(data: bytes) -> Any:
     """Caller side: rebuild a task's result, mapping the arrays a worker dumped."""
-    return _Unpickler(data).load()
+    return _loads(data)
 
 
 class _EncodedResult:
@@ -140,9 +152,16 @@ class _ResultPickler(cloudpickle.Pickler):
         super().__init__(file, protocol=_PROTOCOL)
         self._ctx = ctx
 
-    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+    def reducer_override(self, obj: Any) -> Any:  # noqa: D102
+        if isinstance(obj, np.ndarray):
+            reduced = self._reduce_array(obj)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+    def _reduce_array(self, obj: np.ndarray) -> tuple[Any, tuple[ArrayRef]] | None:
         limit = self._ctx.max_nbytes
-        if not isinstance(obj, np.ndarray) or limit is None or obj.nbytes < limit or obj.size == 0:
+        if limit is None or obj.nbytes < limit or obj.size == 0:
             return None
         if obj.dtype.hasobject or type(obj) not in (np.ndarray, np.memmap):
             return None
@@ -150,10 +169,11 @@ class _ResultPickler(cloudpickle.Pickler):
         if mm is not None and mm.mode != "c":
             path = os.fspath(mm.filename)  # type: ignore[arg-type]
             mode = "r+" if mm.mode in ("r+", "w+") else "r"
-            return ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode)
-        return self._dump(obj)
+            return _load_ref, (ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode),)
+        ref = self._dump(obj)
+        return None if ref is None else (_load_result, (ref,))
 
-    def _dump(self, a: np.ndarray) -> _ResultRef | None:
+    def _dump(self, a: np.ndarray) -> ArrayRef | None:
         if self._ctx.folder is None:
             return None
         try:
@@ -166,7 +186,7 @@ class _ResultPickler(cloudpickle.Pickler):
             return None  # no room: send it through the pipe instead
         finally:
             os.close(fd)
-        return _ResultRef(ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+"))
+        return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
 
 
 def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
@@ -245,23 +265,42 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
 def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     """Worker entry point: decode, run, encode.
 
-    A payload is ``("call", (fn, args, kwargs))`` or ``("chunk", [calls])``;
-    a chunk returns ``[(True, value) | (False, exception), ...]`` so that one
-    failing call does not hide the results of the others.
+    A payload is one of
+
+    * ``("call", (fn, args, kwargs))``: returns the value;
+    * ``("map", fn, [args, ...])``: returns ``(values, {index: exception})``;
+    * ``("chunk", [(fn, args, kwargs), ...])``: returns
+      ``[(True, value) | (False, exception), ...]``.
+
+    In a map or a chunk one failing call does not hide the others' results;
+    each exception carries the worker's traceback as its ``__cause__``.
     """
     _ensure_watchdog()
     _ensure_initialized(ctx)
-    kind, body = _Unpickler(payload).load()
+    task = _loads(payload)
+    del payload
+    kind = task[0]
     if kind == "call":
-        return _encode_result(_call(*body), ctx)
+        return _encode_result(_call(*task[1]), ctx)
+    if kind == "map":
+        fn, arglists = task[1], task[2]
+        values: list[Any] = []
+        errors: dict[int, _ExceptionWithTraceback] = {}
+        for i, args in enumerate(arglists):
+            try:
+                values.append(_call(fn, args, {}))
+            except Exception as exc:
+                values.append(None)
+                errors[i] = _ExceptionWithTraceback.of(exc)
+        del task, fn, arglists
+        return _encode_result((values, errors), ctx)
     outcomes: list[tuple[bool, Any]] = []
-    for call in body:
+    for call in task[1]:
         try:
             outcomes.append((True, _call(*call)))
         except Exception as exc:
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            outcomes.append((False, _ExceptionWithTraceback(exc, tb)))
-    del body
+            outcomes.append((False, _ExceptionWithTraceback.of(exc)))
+    del task
     return _encode_result(outcomes, ctx)
 
 
@@ -269,6 +308,10 @@ class _ExceptionWithTraceback:
     def __init__(self, exc: BaseException, tb: str) -> None:
         self.exc = exc
         self.tb = f'\n"""\n{tb}"""'
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _ExceptionWithTraceback:
+        return cls(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def __reduce__(self) -> tuple[Any, tuple[BaseException, str]]:
         return _rebuild_exception, (self.exc, self.tb)
