@@ -227,3 +227,23 @@ def test_sigkill_of_the_caller_leaves_nothing(tmp_path, group):
     with MemmapExecutor(1) as ex:
         ex.submit(describe, np.ones(300_000)).result(timeout=60)
     assert not os.path.exists(folder)
+
+
+def touch_all_then_wait(a: np.ndarray, seconds: float) -> int:
+    """Read every page of a shared array (RSS grows by its size), then outlast loky's 1 s leak-check delay."""
+    total = float(a.sum())
+    time.sleep(seconds)
+    return os.getpid() if total >= 0 else -1
+
+
+@pytest.mark.slow
+def test_mapped_arrays_do_not_make_loky_recycle_workers():
+    """Workers that read 400 MB of shared arrays keep running: maps are released after each task."""
+    pytest.importorskip("psutil")  # loky only checks worker memory when psutil is installed
+    a = np.ones(50 * 2**20)
+    with MemmapExecutor(1) as ex:
+        reference = ex.submit(os.getpid).result(timeout=60)  # loky measures the worker's size after its first task
+        first = ex.submit(touch_all_then_wait, a, 1.2).result(timeout=60)
+        second = ex.submit(touch_all_then_wait, a, 1.2).result(timeout=60)
+        last = ex.submit(os.getpid).result(timeout=60)
+    assert reference == first == second == last
