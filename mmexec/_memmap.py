@@ -22,6 +22,7 @@ from ._tempfolder import no_room_error, unlink_quietly
 __all__ = [
     "ArrayRef",
     "backing_memmap",
+    "copy_array",
     "dump",
     "file_offset_of",
     "has_shareable_memory",
@@ -113,17 +114,28 @@ def layout_order(a: np.ndarray) -> str:
 
 
 def write_array(fd: int, path: str, a: np.ndarray) -> None:
-    """Write ``a``'s bytes to ``fd``; on a full disk remove ``path`` and raise TempFolderError."""
+    """Write ``a``'s bytes at the start of ``fd``; on a full disk remove ``path`` and raise TempFolderError."""
+    pos = 0
     try:
         for block in _contiguous_blocks(a):
             view = memoryview(block)
             while view:
-                view = view[os.write(fd, view) :]
+                n = os.pwrite(fd, view, pos)
+                view = view[n:]
+                pos += n
     except OSError as exc:
         unlink_quietly(path)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_room_error(os.path.dirname(path), a.nbytes) from exc
         raise
+
+
+def copy_array(a: np.ndarray, flat: np.ndarray) -> None:
+    """Copy ``a``'s bytes, laid out as :func:`write_array` does, into the uint8 map ``flat``."""
+    pos = 0
+    for block in _contiguous_blocks(a):
+        flat[pos : pos + block.size] = block
+        pos += block.size
 
 
 def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:

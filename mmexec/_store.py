@@ -31,6 +31,7 @@ import numpy as np
 from ._memmap import (
     ArrayRef,
     backing_memmap,
+    copy_array,
     file_offset_of,
     layout_order,
     open_ref,
@@ -39,6 +40,7 @@ from ._memmap import (
     write_array,
 )
 from ._options import fallback_temp_folder, resolve_temp_folder
+from ._spares import Spare, SparePool
 from ._tempfolder import (
     create_private_file,
     free_bytes,
@@ -120,6 +122,8 @@ class MemmapStore:
         self._counts: dict[str, int] = {}  # reference path -> users
         self._mapped: dict[str, int] = {}  # reference path -> users that are live maps
         self._fds: dict[str, int] = {}  # reference path -> descriptor keeping it alive
+        self._capacity: dict[str, int] = {}  # reference path -> size, for dumps that may be reused
+        self._spares = SparePool()
         self._dumps: dict[int, _Dump] = {}
         self._closed = False
 
@@ -196,10 +200,11 @@ class MemmapStore:
         self._mapped.pop(path, None)
         _OWNERS.pop(path, None)
         fd = self._fds.pop(path)
-        if fd >= 0:
-            os.close(fd)
-        else:
+        capacity = self._capacity.pop(path, None)
+        if fd < 0:
             unlink_quietly(path)
+        elif capacity is None or self._closed or not self._spares.put(fd, path, capacity):
+            os.close(fd)
 
     # -- arrays -> refs --------------------------------------------------
     def ref_for(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
@@ -246,13 +251,33 @@ class MemmapStore:
         if dump.key in session.checked:
             return True
         if dump.flat is None:
-            dump.flat = open_whole(dump.path, "r")
+            dump.flat = open_whole(dump.path, "r")[: dump.ref.dtype.itemsize * _size(dump.ref.shape)]
         if not same_bytes(a, dump.flat):
             return False
         session.checked.add(dump.key)
         return True
 
     def _new_dump(self, a: np.ndarray) -> _Dump:
+        spare = self._spares.take(a.nbytes) if a.nbytes else None
+        if spare is not None:
+            ref_path, flat = self._reuse(spare, a), spare.flat
+        else:
+            ref_path, flat = self._write(a), None
+        with self._lock:
+            self._capacity[ref_path] = a.nbytes if spare is None else spare.capacity
+        ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
+        key = id(a)
+        dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=ref_path: self._forget(k, p)), ref_path, ref)
+        dump.flat = None if flat is None else flat[: a.nbytes]
+        with self._lock:
+            old = self._dumps.get(key)
+            self._dumps[key] = dump
+        if old is not None:
+            self.release(old.path)
+        return dump
+
+    def _write(self, a: np.ndarray) -> str:
+        """Dump ``a`` into a new file; return the path tasks open it by."""
         folder = self._folder_for(a.nbytes)
         fd, path = create_private_file(folder)
         try:
@@ -261,16 +286,19 @@ class MemmapStore:
             os.close(fd)
             unlink_quietly(path)
             raise
-        ref_path = self._keep(fd, path, users=1)  # held by the caller's array while it lives
-        ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
-        key = id(a)
-        dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=ref_path: self._forget(k, p)), ref_path, ref)
+        return self._keep(fd, path, users=1)  # held by the caller's array while it lives
+
+    def _reuse(self, spare: Spare, a: np.ndarray) -> str:
+        """Dump ``a`` into a freed dump's pages (already allocated, maybe already mapped)."""
+        if spare.flat is not None:
+            copy_array(a, spare.flat)
+        else:
+            write_array(spare.fd, spare.path, a)
         with self._lock:
-            old = self._dumps.get(key)
-            self._dumps[key] = dump
-        if old is not None:
-            self.release(old.path)
-        return dump
+            self._fds[spare.path] = spare.fd
+            self._counts[spare.path] = 1
+            _OWNERS[spare.path] = self
+        return spare.path
 
     def _forget(self, key: int, path: str) -> None:
         with self._lock:
@@ -301,6 +329,7 @@ class MemmapStore:
             if self._closed:
                 return
             self._closed = True
+            self._spares.close()
             self._dumps.clear()
             for path in list(self._counts):
                 mapped = self._mapped.get(path, 0)
@@ -311,3 +340,10 @@ class MemmapStore:
             for folder in self._folders.values():
                 _FOLDERS.pop(folder, None)
                 remove_private_folder(folder)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n

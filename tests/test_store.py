@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _tasks import describe, live_dumps
+from _tasks import describe, live_dumps, slice_of
 
 import mmexec._store as store_module
 from mmexec import MemmapExecutor, TempFolderError
@@ -133,3 +135,46 @@ def test_results_stay_valid_after_shutdown():
     with MemmapExecutor(1, max_nbytes="64K") as ex:
         r = ex.submit(np.full, 100_000, 4.0).result()
     assert r.sum() == 400_000.0
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_freed_dump_is_reused_for_the_next_array_with_the_right_data(mx):
+    """A new array of the same size reuses a freed dump's pages, and tasks see the new values."""
+    a = np.ones(100_000)
+    mx.submit(describe, a).result()
+    (first,) = mx._store._fds
+    del a
+    gc.collect()
+    b = np.full(100_000, 2.0)
+    assert mx.submit(describe, b).result()["sum"] == 200_000.0
+    assert list(mx._store._fds) == [first]
+
+
+def test_dump_still_mapped_by_a_result_is_never_reused(mx):
+    """A result that views a dumped argument keeps that dump's data, even after the argument dies."""
+    a = np.arange(100_000.0)
+    r = mx.submit(slice_of, a, 0, 100_000).result()
+    del a
+    gc.collect()
+    b = np.zeros(100_000)
+    assert mx.submit(describe, b).result()["sum"] == 0.0
+    np.testing.assert_array_equal(r[:3], [0.0, 1.0, 2.0])
+    assert float(r.sum()) == float(np.arange(100_000.0).sum())
+
+
+def test_unused_spare_dumps_are_freed_after_a_moment(mx):
+    """A freed dump nobody reuses is closed by the background thread within seconds."""
+    a = np.ones(100_000)
+    mx.submit(describe, a).result()
+    del a
+    gc.collect()
+    assert mx._store._fds == {}
+    assert _wait_for(lambda: not mx._store._spares._items), "spare dump still kept"
