@@ -1,0 +1,1 @@
+"""Benchmarks: mmexec against ProcessPoolExecutor, loky and joblib (``python -m bench``)."""

@@ -1,0 +1,218 @@
+"""Print a markdown table from a pytest-benchmark JSON file written by the benchmarks.
+
+    python bench/report.py bench/results/latest.json
+
+Per workload: each contender's median time, its ratio to MemmapExecutor's,
+the peak memory of parent + workers above the baseline and its ratio to the
+workload's array size, and which of mmexec's targets hold. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+WORKLOADS = {
+    "S1": "S1: one 200 MB array passed whole to 64 tasks, each sums a slice (fresh array object each round)",
+    "S1-reuse": "S1-reuse: as S1, the same unchanged array object every round",
+    "S2": "S2: 16 distinct 50 MB arrays, one task each (fresh array objects each round)",
+    "S3": "S3: 20,000 calls of x + 1 through map / Parallel, default settings",
+    "S4": "S4: 16 tasks each returning a new 50 MB array",
+    "S5": "S5: row sums of a 10 x 1e6 float64 memmap written into an output np.memmap",
+    "warm": "Warm start: a second executor (or Parallel call) on a warm pool, up to its first trivial result",
+}
+ORDER = ["ppe", "ppe-tuned", "ppe-paths", "loky", "joblib", "mmexec", "mmexec-map", "mmexec-Parallel"]
+#: The rows mmexec's targets apply to.
+MMEXEC = ("mmexec", "mmexec-map", "mmexec-Parallel")
+#: The row every ratio is taken against.
+BASE = "mmexec"
+
+
+@dataclass
+class Row:
+    workload: str
+    contender: str
+    label: str
+    median: float
+    rounds: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_mb(self) -> float | None:
+        peak = self.info.get("peak_bytes")
+        return None if peak is None else peak / 1e6
+
+    @property
+    def peak_ratio(self) -> float | None:
+        peak, ref = self.info.get("peak_bytes"), self.info.get("ref_bytes")
+        return None if peak is None or not ref else peak / ref
+
+
+Group = dict[str, Row]
+
+
+@dataclass(frozen=True)
+class Target:
+    workload: str
+    text: str
+    short: str
+    test: Callable[[Row, Group], bool | None]  # None: cannot tell (a row missing)
+
+
+def _vs(other: str, factor: float) -> Callable[[Row, Group], bool | None]:
+    def test(row: Row, group: Group) -> bool | None:
+        ref = group.get(other)
+        return None if ref is None else row.median <= factor * ref.median
+
+    return test
+
+
+def _mem(limit: float) -> Callable[[Row, Group], bool | None]:
+    def test(row: Row, group: Group) -> bool | None:
+        ratio = row.peak_ratio
+        return None if ratio is None else ratio <= limit
+
+    return test
+
+
+TARGETS = [
+    Target("S1", "S1 <= 100 ms", "<=100 ms", lambda r, g: r.median <= 0.100),
+    Target("S1", "S1 <= 1/2 joblib.Parallel", "<=1/2 joblib", _vs("joblib", 0.5)),
+    Target("S1", "S1 peak memory <= 1.2x array size", "memory <=1.2x", _mem(1.2)),
+    Target("S2", "S2 <= 300 ms", "<=300 ms", lambda r, g: r.median <= 0.300),
+    Target("S3", "S3 <= 2x ProcessPoolExecutor(chunksize=2500)", "<=2x tuned PPE", _vs("ppe-tuned", 2.0)),
+    Target("S4", "S4 <= 200 ms", "<=200 ms", lambda r, g: r.median <= 0.200),
+    Target("S5", "S5 <= 40 ms", "<=40 ms", lambda r, g: r.median <= 0.040),
+    Target("warm", "second executor ready <= 5 ms", "<=5 ms", lambda r, g: r.median <= 0.005),
+]
+
+
+def load(path: str) -> tuple[dict[str, Group], dict[str, Any]]:
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, Group] = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        workload = info.get("workload") or b.get("group") or "?"
+        contender = info.get("contender") or b.get("param") or b["name"]
+        row = Row(workload, contender, info.get("label", contender), b["stats"]["median"], b["stats"]["rounds"], info)
+        groups.setdefault(workload, {})[contender] = row
+    return groups, data
+
+
+def fmt_time(s: float) -> str:
+    if s >= 10:
+        return f"{s:.1f} s"
+    if s >= 1:
+        return f"{s:.2f} s"
+    ms = s * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
+
+
+def fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def mark(ok: bool | None) -> str:
+    return "?" if ok is None else "PASS" if ok else "FAIL"
+
+
+def table(groups: dict[str, Group]) -> list[str]:
+    out: list[str] = []
+    workloads = [w for w in WORKLOADS if w in groups] + sorted(w for w in groups if w not in WORKLOADS)
+    for w in workloads:
+        group = groups[w]
+        base = group.get(BASE)
+        out += ["", f"### {WORKLOADS.get(w, w)}", ""]
+        out += [
+            "| contender | median | 1st call | rounds | time / MemmapExecutor "
+            "| peak memory | peak / array size | targets |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        keys = [k for k in ORDER if k in group] + sorted(k for k in group if k not in ORDER)
+        for k in keys:
+            row = group[k]
+            ratio = None if base is None else row.median / base.median
+            peak = row.peak_mb
+            mem = "–" if peak is None else f"{peak:,.0f} MB" if abs(peak) >= 10 else f"{peak:.1f} MB"
+            marks = []
+            if k in MMEXEC:
+                marks = [f"{mark(t.test(row, group))} {t.short}" for t in TARGETS if t.workload == w]
+            first = "–" if row.info.get("first_call_s") is None else fmt_time(row.info["first_call_s"])
+            check = row.info.get("check")
+            if check and check != "correct":
+                marks.append(f"note: {check}")
+            out.append(
+                f"| {row.label} | {fmt_time(row.median)} | {first} | {row.rounds} | {fmt_ratio(ratio)} | "
+                f"{mem} | {fmt_ratio(row.peak_ratio)} | {'; '.join(marks)} |"
+            )
+    return out
+
+
+def summary(groups: dict[str, Group]) -> list[str]:
+    present = [k for k in MMEXEC if any(k in g for g in groups.values())]
+    labels = {k: r.label for g in groups.values() for k, r in g.items()}
+    out = ["", "### Targets", "", "| target | " + " | ".join(labels[k] for k in present) + " |"]
+    out.append("|---|" + "---|" * len(present))
+    for t in TARGETS:
+        group = groups.get(t.workload, {})
+        cells = []
+        for k in present:
+            row = group.get(k)
+            if row is None:
+                cells.append("–")
+                continue
+            value = fmt_time(row.median)
+            if "memory" in t.text:
+                value = fmt_ratio(row.peak_ratio)
+            cells.append(f"{mark(t.test(row, group))} ({value})")
+        out.append(f"| {t.text} | " + " | ".join(cells) + " |")
+    return out
+
+
+def header(data: dict[str, Any], groups: dict[str, Group]) -> list[str]:
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    rows = [r for g in groups.values() for r in g.values()]
+    loads = [r.info[k] for r in rows for k in ("loadavg_before", "loadavg_after") if k in r.info]
+    workers = {r.info.get("workers") for r in rows}
+    cpu = machine.get("cpu", {})
+    lines = [
+        f"## mmexec transfer benchmarks ({data.get('datetime', '?')})",
+        "",
+        f"- machine: {cpu.get('brand_raw') or machine.get('processor') or '?'}, "
+        f"{cpu.get('count', '?')} CPUs, Python {machine.get('python_version', '?')}; "
+        f"workers per pool: {', '.join(str(w) for w in sorted(x for x in workers if x is not None)) or '?'}",
+        f"- commit: {commit.get('id', '?')[:10]}{' (dirty)' if commit.get('dirty') else ''} "
+        f"on {commit.get('branch', '?')}",
+    ]
+    if loads:
+        lines.append(f"- 1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}")
+    lines.append(
+        "- peak memory: parent + all workers (PSS, shared-memory files counted once), "
+        "highest sample during the last round, above the baseline taken before the first (warmup) round "
+        "(input data made, pool warm)"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="file written by pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    groups, data = load(args.json)
+    if not groups:
+        print("no benchmarks in", args.json, file=sys.stderr)
+        return 1
+    print("\n".join(header(data, groups) + table(groups) + summary(groups)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
