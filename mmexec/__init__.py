@@ -12,6 +12,7 @@ from loky import BrokenProcessPool
 from ._errors import MainGuardError, MmexecError, TempFolderError
 from ._executor import MemmapExecutor
 from ._memmap import dump, has_shareable_memory, load
+from ._parallel import Parallel, delayed, parallel_config
 
 __version__ = "0.1.0"
 
@@ -20,9 +21,12 @@ __all__ = [
     "MainGuardError",
     "MemmapExecutor",
     "MmexecError",
+    "Parallel",
     "TempFolderError",
     "__version__",
+    "delayed",
     "dump",
     "has_shareable_memory",
     "load",
+    "parallel_config",
 ]

@@ -218,7 +218,8 @@ class MemmapExecutor(Executor):
         if ctx is None:
             limit = self._store.max_nbytes
             folder = None if limit is None else self._store.folder
-            ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob)
+            threads = max(1, loky.cpu_count() // self._max_workers)
+            ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob, threads)
         return ctx
 
     def _check_usable(self) -> None:

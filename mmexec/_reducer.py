@@ -29,7 +29,7 @@ from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, ope
 from ._store import ArrayStore, Holds, folder_owner, owner_of
 from ._tempfolder import create_private_file
 
-__all__ = ["Call", "WorkerContext", "decode_result", "encode_task", "run_task"]
+__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_task"]
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -71,6 +71,7 @@ class WorkerContext:
     folder: str | None
     max_nbytes: int | None
     initializer: bytes | None
+    threads: int
 
 
 class _RemoteTraceback(Exception):
@@ -196,6 +197,34 @@ def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
 
 
 _initialized: dict[str, BaseException | None] = {}
+_in_worker = False
+_thread_limit: int | None = None
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                "NUMEXPR_NUM_THREADS")
+
+
+def in_worker() -> bool:
+    """True inside a task run by an mmexec worker (nested Parallel calls then default to sequential)."""
+    return _in_worker
+
+
+def _limit_threads(limit: int) -> None:
+    """Cap BLAS/OpenMP threads in this worker so that workers x threads <= CPUs (as joblib).
+
+    Environment variables reach libraries loaded later; libraries already
+    loaded are capped through threadpoolctl when it is installed.
+    """
+    global _thread_limit
+    if _thread_limit == limit:
+        return
+    _thread_limit = limit
+    for name in _THREAD_VARS:
+        os.environ[name] = str(limit)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=limit)
 _watchdog: threading.Thread | None = None
 #: How often a worker checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL = 0.5
@@ -275,7 +304,10 @@ def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     In a map or a chunk one failing call does not hide the others' results;
     each exception carries the worker's traceback as its ``__cause__``.
     """
+    global _in_worker
+    _in_worker = True
     _ensure_watchdog()
+    _limit_threads(ctx.threads)
     _ensure_initialized(ctx)
     task = _loads(payload)
     del payload
