@@ -1,0 +1,228 @@
+"""Parallel / delayed / parallel_config against joblib's documented behaviour."""
+
+from __future__ import annotations
+
+import os
+import traceback
+import types
+from concurrent.futures import ThreadPoolExecutor
+from math import sqrt
+
+import loky
+import pytest
+from _tasks import raise_value_error, square, wait_event
+
+import mmexec._parallel as parallel_module
+from mmexec import MemmapExecutor, Parallel, delayed, parallel_config
+from mmexec._parallel import effective_n_jobs
+
+BACKENDS = ["loky", "processes", "multiprocessing", "threading", "sequential"]
+
+
+def _pid_and_inner_backend() -> tuple[int, object, str | None]:
+    return os.getpid(), Parallel(n_jobs=2).backend, os.environ.get("OMP_NUM_THREADS")
+
+
+class Recorder:
+    """An input generator that counts how far it was consumed."""
+
+    def __init__(self, n: int, fn=square) -> None:
+        self.n, self.fn, self.taken = n, fn, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.taken += 1
+            yield delayed(self.fn)(i)
+
+
+@pytest.mark.parametrize("n_jobs", [None, 1, 2, -1, -2])
+def test_n_jobs_follows_joblib(n_jobs):
+    """None means 1, -1 all CPUs, -2 all but one, as joblib.effective_n_jobs says."""
+    joblib = pytest.importorskip("joblib")
+    expected = 1 if n_jobs is None else joblib.effective_n_jobs(n_jobs)
+    assert effective_n_jobs(n_jobs) == max(1, expected)
+    assert effective_n_jobs(-1) == loky.cpu_count()
+
+
+def test_n_jobs_zero_is_an_error():
+    """n_jobs=0 is a ValueError, as in joblib."""
+    with pytest.raises(ValueError, match="n_jobs"):
+        Parallel(n_jobs=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_gives_the_same_results(backend):
+    """Each named backend returns the same list in input order."""
+    assert Parallel(n_jobs=2, backend=backend)(delayed(sqrt)(i * i) for i in range(20)) == [float(i) for i in range(20)]
+
+
+@pytest.mark.parametrize("make", [lambda: ThreadPoolExecutor(2), lambda: MemmapExecutor(2)], ids=["threads", "memmap"])
+def test_executor_instance_as_backend_is_used_and_left_open(make):
+    """An Executor passed as backend runs the tasks and is not shut down by Parallel."""
+    ex = make()
+    try:
+        assert Parallel(backend=ex)(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+        assert ex.submit(square, 3).result() == 9
+    finally:
+        ex.shutdown()
+
+
+def test_unknown_and_future_backends_say_so():
+    """An unknown backend lists the known ones; 'dask' names its extra."""
+    with pytest.raises(ValueError, match="threading"):
+        Parallel(backend="nope")
+    with pytest.raises(NotImplementedError, match=r"mmexec\[dask\]"):
+        Parallel(backend="dask")
+
+
+def test_prefer_threads_and_require_sharedmem_run_in_the_caller():
+    """prefer='threads' and require='sharedmem' pick threads (same process)."""
+    me = os.getpid()
+    assert set(Parallel(n_jobs=2, prefer="threads")(delayed(os.getpid)() for _ in range(4))) == {me}
+    assert set(Parallel(n_jobs=2, require="sharedmem")(delayed(os.getpid)() for _ in range(4))) == {me}
+    assert me not in set(Parallel(n_jobs=2)(delayed(os.getpid)() for _ in range(4)))
+    with pytest.raises(ValueError, match="sharedmem"):
+        Parallel(n_jobs=2, backend="loky", require="sharedmem")
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading", "sequential"])
+def test_return_as_generator_yields_in_order(backend):
+    """return_as='generator' gives a generator yielding results in input order."""
+    out = Parallel(n_jobs=2, backend=backend, return_as="generator")(delayed(square)(i) for i in range(10))
+    assert isinstance(out, types.GeneratorType)
+    assert list(out) == [i * i for i in range(10)]
+
+
+def test_return_as_generator_unordered_yields_everything():
+    """return_as='generator_unordered' yields every result once, in completion order."""
+    out = Parallel(n_jobs=2, return_as="generator_unordered")(delayed(square)(i) for i in range(30))
+    assert isinstance(out, types.GeneratorType)
+    assert sorted(out) == [i * i for i in range(30)]
+
+
+def test_return_as_is_validated():
+    """An unknown return_as is a ValueError."""
+    with pytest.raises(ValueError, match="return_as"):
+        Parallel(return_as="set")
+
+
+def test_verbose_reports_progress_on_stderr(capsys):
+    """verbose > 0 prints joblib-style progress lines to stderr; verbose=0 prints nothing."""
+    Parallel(n_jobs=2, verbose=10)(delayed(square)(i) for i in range(5))
+    err = capsys.readouterr().err
+    assert "[Parallel(n_jobs=2)]: Done" in err and "Done 5 out of 5" in err
+    Parallel(n_jobs=2)(delayed(square)(i) for i in range(5))
+    assert capsys.readouterr().err == ""
+
+
+def test_timeout_raises_builtin_timeout_error(tmp_path):
+    """A task that does not finish within timeout raises TimeoutError in the caller."""
+    never = str(tmp_path / "never")
+    with pytest.raises(TimeoutError):
+        Parallel(n_jobs=2, timeout=0.3)(delayed(wait_event)(never, 2.0) for _ in range(2))
+
+
+def test_pre_dispatch_consumes_the_input_lazily():
+    """With pre_dispatch=2 and a generator result, the input is read only as results are taken."""
+    source = Recorder(200)
+    out = Parallel(n_jobs=2, pre_dispatch=2, batch_size=1, return_as="generator")(source)
+    assert source.taken == 0
+    assert next(out) == 0
+    assert source.taken < 200
+    assert list(out) == [i * i for i in range(1, 200)] and source.taken == 200
+
+
+def test_pre_dispatch_all_takes_everything_at_once():
+    """pre_dispatch='all' reads the whole input before the first result."""
+    source = Recorder(50)
+    out = Parallel(n_jobs=2, pre_dispatch="all", return_as="generator")(source)
+    next(out)
+    assert source.taken == 50
+    out.close()
+
+
+def test_batch_size_int_is_honoured_and_auto_grows(monkeypatch):
+    """batch_size=5 sends batches of 5; 'auto' grows batches of fast tasks beyond 1."""
+    sizes: list[int] = []
+    real = parallel_module._Run._submit
+    monkeypatch.setattr(parallel_module._Run, "_submit", lambda self, batch: (sizes.append(len(batch)), real(self, batch)))
+    assert Parallel(n_jobs=2, batch_size=5)(delayed(square)(i) for i in range(20)) == [i * i for i in range(20)]
+    assert sizes == [5, 5, 5, 5]
+    sizes.clear()
+    assert Parallel(n_jobs=2)(delayed(square)(i) for i in range(3000)) == [i * i for i in range(3000)]
+    assert sizes[0] == 1 and max(sizes) > 8 and sum(sizes) == 3000
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading", "sequential"])
+def test_first_exception_is_reraised_with_worker_traceback_and_stops_dispatch(backend):
+    """A failing task's exception reaches the caller with its traceback; later tasks are not dispatched."""
+    calls = [delayed(raise_value_error)("first")] + [delayed(square)(i) for i in range(500)]
+    source = iter(calls)
+    taken = []
+
+    def gen():
+        for c in source:
+            taken.append(c)
+            yield c
+
+    with pytest.raises(ValueError, match="first") as info:
+        Parallel(n_jobs=2, backend=backend, batch_size=1, pre_dispatch=2)(gen())
+    assert "raise_value_error" in "".join(traceback.format_exception(info.value))
+    assert len(taken) < len(calls)
+
+
+def test_context_manager_reuses_one_executor():
+    """Within `with Parallel(...) as p`, calls share one executor, shut down on exit."""
+    with Parallel(n_jobs=2) as p:
+        p(delayed(square)(i) for i in range(3))
+        ex = p._executor
+        assert p(delayed(square)(i) for i in range(3)) == [0, 1, 4]
+        assert p._executor is ex
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(square, 1)
+
+
+def test_parallel_config_sets_defaults_and_restores_them():
+    """parallel_config provides defaults for Parallel inside it; nested blocks restore on exit."""
+    me = os.getpid()
+    with parallel_config(backend="threading", n_jobs=2):
+        assert set(Parallel()(delayed(os.getpid)() for _ in range(3))) == {me}
+        with parallel_config(backend="loky"):
+            assert me not in set(Parallel()(delayed(os.getpid)() for _ in range(3)))
+        assert Parallel().backend == "threading" and Parallel().n_jobs == 2
+    assert Parallel().n_jobs == 1
+    with pytest.raises(TypeError, match="unknown"):
+        parallel_config(workers=3)
+
+
+@pytest.mark.parametrize("backend,n_jobs", [("loky", 2), ("threading", 2), ("loky", 1)])
+def test_callback_sees_every_result_with_its_index(backend, n_jobs):
+    """callback(index, result) runs in the caller for every task, with n_jobs=1 too."""
+    seen: dict[int, int] = {}
+    Parallel(n_jobs=n_jobs, backend=backend, callback=lambda i, r: seen.__setitem__(i, r))(
+        delayed(square)(i) for i in range(25)
+    )
+    assert seen == {i: i * i for i in range(25)}
+
+
+def test_progress_bar_without_tqdm_draws_text(capsys, monkeypatch):
+    """progress_bar=True draws a text bar on stderr when tqdm is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name == "tqdm":
+            raise ImportError("no tqdm here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    Parallel(n_jobs=2, progress_bar=True, pre_dispatch="all")(delayed(square)(i) for i in range(10))
+    assert "10/10" in capsys.readouterr().err
+
+
+def test_nested_parallel_in_a_worker_runs_sequentially_with_capped_threads():
+    """Inside a worker, Parallel defaults to sequential and BLAS threads are capped to cpus // workers."""
+    pid, inner_backend, omp = Parallel(n_jobs=2)(delayed(_pid_and_inner_backend)() for _ in range(1))[0]
+    assert pid != os.getpid() and inner_backend == "sequential"
+    assert omp == str(max(1, loky.cpu_count() // 2))
