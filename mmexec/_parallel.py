@@ -321,7 +321,10 @@ class _Run:
     def _submit(self, batch: list[Call]) -> None:
         first, count, sent = self.n_dispatched, len(batch), time.monotonic()
         executor = self.executor
-        if isinstance(executor, MemmapExecutor):
+        fn = batch[0][0]
+        if isinstance(executor, MemmapExecutor) and all(c[0] is fn and not c[2] for c in batch):
+            fut = executor._submit(("map", fn, [c[1] for c in batch]), self.session)
+        elif isinstance(executor, MemmapExecutor):
             fut = executor._submit(("chunk", batch), self.session)
         else:
             assert executor is not None
@@ -361,6 +364,11 @@ class _Run:
 
     def _values(self, fut: Future[Any]) -> list[Any]:
         outcomes = fut.result()
+        if isinstance(outcomes, tuple):  # a "map" payload: (values, {index: exception})
+            values, errors = outcomes
+            if errors:
+                raise errors[min(errors)]
+            return values
         values = []
         for ok, value in outcomes:
             if not ok:

@@ -5,9 +5,11 @@ Writing into a fresh tmpfs file allocates and zeroes every page (about
 at memory speed (about 11 GB/s). Loops that pass a new array of the same size
 to every round of tasks hit this case all the time. A freed dump is therefore
 kept for :data:`SPARE_TTL` seconds (at most :data:`SPARE_LIMIT` bytes in
-all); a background thread maps and pre-faults it off the critical path, and
-deletes whatever was not reused in time. Nothing here outlives the store's
-``close()``.
+all, shared by every executor of the process, so that back-to-back
+``Parallel`` calls benefit too); a background thread maps and pre-faults it
+off the critical path, and closes whatever was not reused in time. A spare is
+an unlinked file held only by its descriptor: nothing is visible in any
+folder, and the kernel frees it if the process dies.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
+__all__ = ["SPARES", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
 
 #: Seconds a freed dump is kept for reuse before it is deleted.
 SPARE_TTL = 2.0
@@ -36,6 +38,7 @@ class Spare:
     fd: int
     path: str
     capacity: int
+    where: str  # the temp folder it was made in: reused only for dumps bound there
     released: float
     flat: np.ndarray | None = None
 
@@ -52,22 +55,22 @@ class SparePool:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def put(self, fd: int, path: str, capacity: int) -> bool:
+    def put(self, fd: int, path: str, capacity: int, where: str) -> bool:
         """Keep a freed dump; False (and the caller closes it) when over the limit."""
         with self._lock:
             if self._closed or capacity + sum(s.capacity for s in self._items) > self.limit:
                 return False
-            self._items.append(Spare(fd, path, capacity, time.monotonic()))
+            self._items.append(Spare(fd, path, capacity, where, time.monotonic()))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._tend, name="mmexec-spares", daemon=True)
                 self._thread.start()
             self._wake.notify()
             return True
 
-    def take(self, nbytes: int) -> Spare | None:
-        """The smallest kept dump of at least ``nbytes`` (and at most twice that), if any."""
+    def take(self, nbytes: int, where: str) -> Spare | None:
+        """The smallest dump kept in ``where`` of at least ``nbytes`` (and at most twice that)."""
         with self._lock:
-            fits = [s for s in self._items if nbytes <= s.capacity <= 2 * nbytes]
+            fits = [s for s in self._items if s.where == where and nbytes <= s.capacity <= 2 * nbytes]
             if not fits:
                 return None
             best = min(fits, key=lambda s: s.capacity)
@@ -118,3 +121,7 @@ def _map(spare: Spare) -> np.ndarray | None:
 def _drop(spare: Spare) -> None:
     spare.flat = None
     os.close(spare.fd)
+
+
+#: The process-wide pool every store uses.
+SPARES = SparePool()

@@ -40,7 +40,7 @@ from ._memmap import (
     write_array,
 )
 from ._options import fallback_temp_folder, resolve_temp_folder
-from ._spares import Spare, SparePool
+from ._spares import SPARES, Spare
 from ._tempfolder import (
     create_private_file,
     free_bytes,
@@ -122,8 +122,8 @@ class MemmapStore:
         self._counts: dict[str, int] = {}  # reference path -> users
         self._mapped: dict[str, int] = {}  # reference path -> users that are live maps
         self._fds: dict[str, int] = {}  # reference path -> descriptor keeping it alive
-        self._capacity: dict[str, int] = {}  # reference path -> size, for dumps that may be reused
-        self._spares = SparePool()
+        self._capacity: dict[str, tuple[int, str]] = {}  # reference path -> (size, temp folder), reusable dumps
+        self._spares = SPARES
         self._dumps: dict[int, _Dump] = {}
         self._closed = False
 
@@ -200,10 +200,10 @@ class MemmapStore:
         self._mapped.pop(path, None)
         _OWNERS.pop(path, None)
         fd = self._fds.pop(path)
-        capacity = self._capacity.pop(path, None)
+        reusable = self._capacity.pop(path, None)
         if fd < 0:
             unlink_quietly(path)
-        elif capacity is None or self._closed or not self._spares.put(fd, path, capacity):
+        elif reusable is None or not self._spares.put(fd, path, *reusable):
             os.close(fd)
 
     # -- arrays -> refs --------------------------------------------------
@@ -258,13 +258,14 @@ class MemmapStore:
         return True
 
     def _new_dump(self, a: np.ndarray) -> _Dump:
-        spare = self._spares.take(a.nbytes) if a.nbytes else None
+        spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
         if spare is not None:
-            ref_path, flat = self._reuse(spare, a), spare.flat
+            ref_path, flat, reusable = self._reuse(spare, a), spare.flat, (spare.capacity, spare.where)
         else:
-            ref_path, flat = self._write(a), None
+            ref_path, where = self._write(a)
+            flat, reusable = None, (a.nbytes, where)
         with self._lock:
-            self._capacity[ref_path] = a.nbytes if spare is None else spare.capacity
+            self._capacity[ref_path] = reusable
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
         dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=ref_path: self._forget(k, p)), ref_path, ref)
@@ -276,8 +277,8 @@ class MemmapStore:
             self.release(old.path)
         return dump
 
-    def _write(self, a: np.ndarray) -> str:
-        """Dump ``a`` into a new file; return the path tasks open it by."""
+    def _write(self, a: np.ndarray) -> tuple[str, str]:
+        """Dump ``a`` into a new file; return the path tasks open it by, and its temp folder."""
         folder = self._folder_for(a.nbytes)
         fd, path = create_private_file(folder)
         try:
@@ -286,7 +287,7 @@ class MemmapStore:
             os.close(fd)
             unlink_quietly(path)
             raise
-        return self._keep(fd, path, users=1)  # held by the caller's array while it lives
+        return self._keep(fd, path, users=1), os.path.dirname(folder)  # held by the caller's array
 
     def _reuse(self, spare: Spare, a: np.ndarray) -> str:
         """Dump ``a`` into a freed dump's pages (already allocated, maybe already mapped)."""
@@ -329,7 +330,6 @@ class MemmapStore:
             if self._closed:
                 return
             self._closed = True
-            self._spares.close()
             self._dumps.clear()
             for path in list(self._counts):
                 mapped = self._mapped.get(path, 0)

@@ -65,7 +65,7 @@ def test_full_shm_falls_back_to_system_temp(mx, monkeypatch):
     """When /dev/shm has no room and no folder was chosen, the dump goes to the system temp folder."""
     real = store_module.free_bytes
     monkeypatch.setattr(store_module, "free_bytes", lambda f: 0 if f.startswith("/dev/shm") else real(f))
-    a = np.ones(100_000)
+    a = np.ones(123_457)  # a size no freed dump of an earlier test can serve
     assert mx.submit(describe, a).result()["type"] == "memmap"
     fallback = [f for f in mx._store._folders.values() if f.startswith(tempfile.gettempdir())]
     assert fallback and [p.startswith(fallback[0]) for p in live_dumps(mx)] == [True]
