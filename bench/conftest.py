@@ -45,6 +45,7 @@ import psutil
 import pytest
 
 import mmexec
+from mmexec._spares import SPARES
 
 from . import _tasks
 
@@ -437,6 +438,7 @@ class Bench:
             del out
 
         gc.collect()
+        SPARES.drop()  # freed dumps kept by an earlier workload must not hide in the baseline
         start = TreeMemory().sample()  # pool primed, data made, nothing of this workload yet
         t0 = time.perf_counter()
         bm.pedantic(_target, setup=_setup, teardown=_teardown, rounds=rounds, warmup_rounds=warmup)

@@ -77,14 +77,19 @@ class SparePool:
             self._items.remove(best)
             return best
 
-    def close(self) -> None:
-        """Delete every kept dump and stop the background thread."""
+    def drop(self) -> None:
+        """Free every kept dump now (the pool stays usable)."""
         with self._lock:
-            self._closed = True
             items, self._items = self._items, []
             self._wake.notify()
         for spare in items:
             _drop(spare)
+
+    def close(self) -> None:
+        """Free every kept dump and keep no more."""
+        with self._lock:
+            self._closed = True
+        self.drop()
 
     def _tend(self) -> None:
         with self._lock:
