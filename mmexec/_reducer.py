@@ -43,23 +43,33 @@ class _TaskPickler(cloudpickle.Pickler):
     floats, strings, lists, tuples and dicts, so large argument lists stay cheap.
     """
 
-    def __init__(self, file: io.BytesIO, store: ArrayStore, holds: Holds) -> None:
+    def __init__(
+        self, file: io.BytesIO, store: ArrayStore, holds: Holds, load_ref: Callable[[Any], Any] | None = None
+    ) -> None:
         super().__init__(file, protocol=_PROTOCOL)
         self._store = store
         self._holds = holds
+        self._load_ref = _load_ref if load_ref is None else load_ref
 
     def reducer_override(self, obj: Any) -> Any:  # noqa: D102
         if isinstance(obj, np.ndarray):
             ref = self._store.ref_for(obj, self._holds)
             if ref is not None:
-                return _load_ref, (ref,)
+                return self._load_ref, (ref,)
         return super().reducer_override(obj)
 
 
-def encode_task(task: Any, store: ArrayStore, holds: Holds) -> bytes:
-    """Pickle ``task``, swapping arrays for the store's references (kept in ``holds``)."""
+def encode_task(
+    task: Any, store: ArrayStore, holds: Holds, load_ref: Callable[[Any], Any] | None = None
+) -> bytes:
+    """Pickle ``task``, swapping arrays for the store's references (kept in ``holds``).
+
+    Unpickling calls ``load_ref(ref)`` for each reference: by default
+    :func:`_load_ref`, which maps an :class:`ArrayRef`; another store
+    (``mmexec._dask``) passes the function that resolves its own references.
+    """
     buf = io.BytesIO()
-    _TaskPickler(buf, store, holds).dump(task)
+    _TaskPickler(buf, store, holds, load_ref).dump(task)
     return buf.getvalue()
 
 
