@@ -2,22 +2,31 @@
 
 ``MemmapExecutor`` is a drop-in ``concurrent.futures.ProcessPoolExecutor``
 that passes large arrays to workers as memory maps, on loky's reusable
-worker processes.
+worker processes. ``DaskExecutor`` (extra ``mmexec[dask]``) runs the same
+calls on a dask.distributed cluster; it is imported on first use, so
+``import mmexec`` never imports dask.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from loky import BrokenProcessPool
 
-from ._errors import MainGuardError, MmexecError, TempFolderError
+from ._errors import LocalMemmapError, MainGuardError, MmexecError, TempFolderError
 from ._executor import MemmapExecutor
 from ._memmap import dump, has_shareable_memory, load
 from ._parallel import Parallel, delayed, parallel_config
+
+if _TYPE_CHECKING:
+    from ._dask import DaskExecutor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokenProcessPool",
+    "DaskExecutor",
+    "LocalMemmapError",
     "MainGuardError",
     "MemmapExecutor",
     "MmexecError",
@@ -30,3 +39,17 @@ __all__ = [
     "load",
     "parallel_config",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # DaskExecutor lives in an optional part: import it on first use (as
+    # concurrent.futures does with its executors).
+    if name == "DaskExecutor":
+        from ._dask import DaskExecutor
+
+        return DaskExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "DaskExecutor"})

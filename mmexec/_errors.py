@@ -7,6 +7,7 @@ catches, so ``except OSError`` or ``except TypeError`` keeps working::
      +-- MmexecError
           +-- TempFolderError      (also OSError)
           +-- MainGuardError       (also RuntimeError)
+          +-- LocalMemmapError     (also TypeError)
 
 Worker deaths are reported with loky's ``TerminatedWorkerError``, a subclass
 of :class:`concurrent.futures.process.BrokenProcessPool`.
@@ -14,7 +15,7 @@ of :class:`concurrent.futures.process.BrokenProcessPool`.
 
 from __future__ import annotations
 
-__all__ = ["MainGuardError", "MmexecError", "TempFolderError"]
+__all__ = ["LocalMemmapError", "MainGuardError", "MmexecError", "TempFolderError"]
 
 
 class MmexecError(Exception):
@@ -39,6 +40,18 @@ class MainGuardError(MmexecError, RuntimeError):
 
     This happens when a script creates an executor at module level without an
     ``if __name__ == "__main__":`` guard.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class LocalMemmapError(MmexecError, TypeError):
+    """A task for another machine was given an ``np.memmap`` (or a view of one).
+
+    ``DaskExecutor`` runs tasks on machines that cannot open the caller's
+    files, so a memmap can neither be passed by reference nor written into.
+    The message names the file and says what to pass instead: a copy
+    (``np.array(x)``) to send the data, or results returned by the tasks.
 
     .. versionadded:: 0.1.0
     """

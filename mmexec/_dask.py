@@ -1,0 +1,419 @@
+"""DaskExecutor: the same calls on a dask.distributed cluster (extra ``mmexec[dask]``).
+
+Data flow, as in :mod:`mmexec._executor`, with a scatter store instead of
+memory maps::
+
+    caller --submit/map--> encode_task ---------> DaskScatterStore ------> ClientExecutor -------> worker: _run
+                           mmexec's reducer:      arrays >= max_nbytes:    client.get_executor(    unpickles the
+                           swaps each array       client.scatter once      pure=False).submit(     payload: each
+                           for a placeholder      per array object,        _run, payload,          placeholder is a
+                           (an index)             reused while it lives    *scattered futures)     read-only view of
+                                                  and is unchanged                                 a scattered array
+    caller <--Future.result()-- dask gathers the result (or re-raises the task's exception)
+
+Who owns what:
+
+* The caller owns its arrays. The store keeps one scattered future per live
+  array object and drops it when the array is garbage collected, when its
+  content changed (a SHA-1 of its bytes, once per submit / per map or
+  Parallel call), or at ``shutdown()``; dask then frees the data as soon as no
+  task needs it.
+* A task holds its scattered inputs as dask dependencies (the futures are
+  top-level arguments of ``_run``, which dask resolves on the worker), so
+  dropping the store's future never pulls data from under a queued task.
+* Nothing here imports ``distributed`` until a ``DaskExecutor`` is created,
+  so ``import mmexec`` works (and stays fast) without it.
+
+Memory maps cannot cross machines: an ``np.memmap`` argument, or any view of
+one, raises :class:`~mmexec.LocalMemmapError` at ``submit``, whatever its
+size or mode (arrays that mmexec itself mapped, such as a
+``MemmapExecutor`` result, count as plain data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+import numpy as np
+
+from ._errors import LocalMemmapError
+from ._memmap import _contiguous_blocks, backing_memmap
+from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
+from ._reducer import _ExceptionWithTraceback, encode_task
+from ._store import Holds, Session, owner_of
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["DaskExecutor", "DaskScatterStore", "cluster_threads", "default_client"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_INSTALL = "pip install 'mmexec[dask]'"
+
+
+def default_client() -> Client:
+    """The current dask.distributed ``Client``, with errors that say what to do."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ImportError(f"DaskExecutor and Parallel(backend='dask') need dask.distributed: {_INSTALL}") from exc
+    try:
+        return distributed.get_client()
+    except ValueError:
+        raise ValueError(
+            "DaskExecutor and Parallel(backend='dask') run on an existing dask.distributed Client, and there "
+            "is none: create one first (`client = Client('tcp://scheduler:8786')`, or `Client(LocalCluster())` "
+            "on this machine), or pass it as DaskExecutor(client)."
+        ) from None
+
+
+def cluster_threads(client: Client | None = None) -> int:
+    """How many tasks the cluster runs at once (its workers' threads); at least 1."""
+    c: Any = default_client() if client is None else client
+    return max(1, int(sum(c.nthreads().values())))
+
+
+# --------------------------------------------------------------------- caller
+@dataclass
+class ScatterHolds(Holds):
+    """One task's scattered inputs, in placeholder order (``Holds.files`` stays empty)."""
+
+    futures: list[Any] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict)  # future key -> placeholder
+
+    def add(self, future: Any) -> int:
+        """The placeholder (argument index of ``_run``) for ``future``, once per task."""
+        index = self._index.get(future.key)
+        if index is None:
+            index = self._index[future.key] = len(self.futures)
+            self.futures.append(future)
+        return index
+
+
+@dataclass(eq=False)
+class _Scattered:
+    wref: weakref.ref[np.ndarray]
+    future: Any
+    signature: tuple[Any, ...]
+
+
+def _signature(a: np.ndarray) -> tuple[Any, ...]:
+    """Layout and a SHA-1 of ``a``'s bytes: equal signatures mean the scattered copy is current."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for block in _contiguous_blocks(a):
+        digest.update(block.data)
+    return a.dtype, a.shape, a.strides, digest.digest()
+
+
+def _refuse_local_memmap(a: np.ndarray) -> None:
+    mm = backing_memmap(a)
+    if mm is None:
+        return
+    path = os.fspath(mm.filename)  # type: ignore[arg-type]
+    if owner_of(path) is not None:
+        return  # shared memory mmexec mapped itself (a MemmapExecutor result): plain data
+    if mm.mode in ("r+", "w+"):
+        advice = (
+            "so tasks cannot write into it. Return each task's part of the result and store it in the "
+            "caller (out[i] = future.result()); to send the file's current content as input, pass np.array(x)."
+        )
+    else:
+        advice = "so it cannot be passed by reference. Pass a copy of its data instead: np.array(x)."
+    raise LocalMemmapError(
+        f"a task argument is an np.memmap of {path!r} (mode {mm.mode!r}), or a view of one. DaskExecutor "
+        f"runs tasks on other machines, which cannot open this file, {advice}"
+    )
+
+
+class DaskScatterStore:
+    """An :class:`~mmexec._store.ArrayStore` that scatters large arrays to a dask cluster.
+
+    ``ref_for`` returns a placeholder index (into the task's
+    :attr:`ScatterHolds.futures`) for arrays of at least ``max_nbytes``, None
+    for the others, and raises :class:`LocalMemmapError` for memory maps.
+    """
+
+    def __init__(self, client: Client, max_nbytes: int | None) -> None:
+        self.client: Any = client
+        self.max_nbytes = max_nbytes
+        self.scatters = 0  # how many arrays were sent (tests and benchmarks read it)
+        self._lock = threading.Lock()
+        self._entries: dict[int, _Scattered] = {}  # id(array) -> its scattered copy
+        self._closed = False
+
+    def ref_for(self, a: np.ndarray, holds: Holds) -> int | None:
+        """A placeholder for ``a`` in this task, or None to pickle ``a`` into the task."""
+        _refuse_local_memmap(a)
+        if self.max_nbytes is None or a.nbytes < self.max_nbytes or a.size == 0 or a.dtype.hasobject:
+            return None
+        if type(a) is not np.ndarray:
+            return None  # subclasses keep their type through normal pickling
+        assert isinstance(holds, ScatterHolds)
+        return holds.add(self._future_for(a, holds.session))
+
+    def _future_for(self, a: np.ndarray, session: Session) -> Any:
+        key = id(a)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry.wref() is not a:
+            entry = None  # a dead array's id, reused
+        if entry is not None and key in session.checked:
+            return entry.future
+        signature = _signature(a)
+        session.checked.add(key)
+        if entry is not None and entry.signature == signature:
+            return entry.future
+        future = self.client.scatter(a, hash=False)
+        entry = _Scattered(weakref.ref(a, partial(self._forget, key, future.key)), future, signature)
+        with self._lock:
+            self.scatters += 1
+            if not self._closed:  # (a changed array's old copy is dropped: dask frees it once no task needs it)
+                self._entries[key] = entry
+        return future
+
+    def _forget(self, key: int, token: str, _: object = None) -> None:
+        """The caller's array died: drop its scattered copy."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.future.key == token:
+                del self._entries[key]
+
+    def close(self) -> None:
+        """Drop every scattered copy (dask frees each once no task needs it). Idempotent."""
+        with self._lock:
+            self._closed = True
+            entries, self._entries = self._entries, {}
+        entries.clear()
+
+
+# --------------------------------------------------------------------- worker
+_local = threading.local()  # .arrays: the scattered arrays of the payload being unpickled
+
+
+def _scattered(index: int) -> np.ndarray:
+    """Unpickling a placeholder on a worker: a read-only view of the scattered array."""
+    view: np.ndarray = _local.arrays[index].view()
+    view.flags.writeable = False  # one copy per worker, shared by its tasks
+    return view
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        if "read-only" in str(exc) and hasattr(exc, "add_note"):
+            exc.add_note(
+                "DaskExecutor passes arrays of at least max_nbytes as read-only views of one copy per "
+                "worker, shared by its tasks: copy one (a.copy()) to modify it, or return results."
+            )
+        raise
+
+
+def _run(payload: bytes, *arrays: np.ndarray) -> Any:
+    """Worker entry point; the payloads are those of :func:`mmexec._reducer.run_task`.
+
+    ``("call", (fn, args, kwargs))`` returns the value (an exception travels as
+    dask sends it); ``("map", fn, [args, ...])`` returns ``(values, {index:
+    exception})``; ``("chunk", [(fn, args, kwargs), ...])`` returns
+    ``[(True, value) | (False, exception), ...]``.
+    """
+    _local.arrays = arrays
+    try:
+        task = pickle.loads(payload)
+    finally:
+        _local.arrays = ()
+    if task[0] == "call":
+        return _call(*task[1])
+    if task[0] == "map":
+        values: list[Any] = []
+        errors: dict[int, _ExceptionWithTraceback] = {}
+        for i, args in enumerate(task[2]):
+            try:
+                values.append(_call(task[1], args, {}))
+            except Exception as exc:
+                values.append(None)
+                errors[i] = _ExceptionWithTraceback.of(exc)
+        return values, errors
+    outcomes: list[tuple[bool, Any]] = []
+    for call in task[1]:
+        try:
+            outcomes.append((True, _call(*call)))
+        except Exception as exc:
+            outcomes.append((False, _ExceptionWithTraceback.of(exc)))
+    return outcomes
+
+
+# ------------------------------------------------------------------- executor
+class DaskExecutor(Executor):
+    """A ``concurrent.futures.Executor`` on a dask.distributed cluster; large arrays are scattered once.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        The (synchronous) client to run on; default: the current client
+        (``distributed.get_client()``). A clear ``ValueError`` if there is none.
+    max_nbytes : int, float, str or None, default '1M'
+        Arrays of at least this many bytes are scattered to the cluster once
+        and reused by later tasks while the caller's array object lives and is
+        unchanged; tasks get them as read-only views. None sends every array
+        inside its task.
+
+    Notes
+    -----
+    ``np.memmap`` arguments and views of them raise
+    :class:`~mmexec.LocalMemmapError`: other machines cannot open the file.
+    Futures are dask's, wrapped by ``client.get_executor(pure=False)``:
+    ``cancel()`` also succeeds on a task already running (dask cancels it).
+    Tasks run in the workers' threads; ``mmexec`` must be importable there.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, client: Client | None = None, *, max_nbytes: int | float | str | None = DEFAULT_MAX_NBYTES):
+        if client is None:
+            client = default_client()
+        if client.asynchronous:
+            raise ValueError("DaskExecutor needs a synchronous Client (asynchronous=False)")
+        self._client: Any = cast(Any, client)  # distributed is not fully typed
+        self._executor: Executor = self._client.get_executor(pure=False)
+        self._store = DaskScatterStore(client, parse_max_nbytes(max_nbytes))
+        self._max_workers = cluster_threads(client)  # Parallel's n_jobs=None
+        self._cond = threading.Condition()
+        self._pending: set[Future[Any]] = set()
+        self._inflight = 0
+        self._shutdown = False
+        self._finalizer = weakref.finalize(self, self._store.close)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; large arrays are scattered once."""
+        return self._submit(("call", (fn, args, kwargs)), Session())
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: every call is submitted now, results come in order.
+
+        ``chunksize`` calls run as one dask task; each array's content is
+        checked once for the whole call.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else timeout + time.monotonic()
+        arglists = list(zip(*iterables, strict=False))
+        session = Session()
+        futures: list[Future[Any]] = []
+        try:
+            if chunksize == 1:
+                futures += [self._submit(("call", (fn, args, {})), session) for args in arglists]
+            else:
+                for i in range(0, len(arglists), chunksize):
+                    futures.append(self._submit(("map", fn, arglists[i : i + chunksize]), session))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        return _iter_results(futures, end, chunked=chunksize != 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; wait for (or cancel) this executor's tasks; drop its scattered arrays.
+
+        The client and the cluster stay up.
+        """
+        with self._cond:
+            self._shutdown = True
+            if wait:
+                self._cond.wait_for(lambda: self._inflight == 0)
+            pending = list(self._pending)
+        if cancel_futures:
+            for fut in pending:
+                fut.cancel()
+        if wait:
+            wait_futures(pending)
+        self._store.close()
+
+    # ------------------------------------------------------------- internal
+    def _submit(self, task: tuple[Any, ...], session: Session) -> Future[Any]:
+        """Encode ``task`` (a :func:`_run` payload) with one content check per array per ``session``."""
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._inflight += 1
+        holds = ScatterHolds(session)
+        try:
+            try:
+                payload = encode_task(task, self._store, holds, _scattered)
+            except LocalMemmapError:
+                raise
+            except Exception as exc:  # pickling errors belong on the future, as in the stdlib
+                failed: Future[Any] = Future()
+                failed.set_exception(exc)
+                return failed
+            fut: Future[Any] = self._executor.submit(_run, payload, *holds.futures)
+            with self._cond:
+                self._pending.add(fut)
+            fut.add_done_callback(self._task_done)
+            return fut
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def _task_done(self, fut: Future[Any]) -> None:
+        with self._cond:
+            self._pending.discard(fut)
+        if not fut.cancelled():
+            _drop_relay_frame(fut.exception())
+
+
+def _drop_relay_frame(exc: BaseException | None) -> None:
+    """Unlink the frame in which ``ClientExecutor`` re-raised a task's exception.
+
+    That frame holds the dask future, which holds the exception: a cycle
+    through the client that keeps a failed task's key on the cluster forever
+    (distributed 2026.8). Without it, the key is released with our future.
+    """
+    tb = None if exc is None else exc.__traceback__
+    if exc is not None and tb is not None and tb.tb_frame.f_code.co_name == "_cascade_future":
+        exc.__traceback__ = tb.tb_next
+
+
+def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
+    """Yield results in order; on timeout, error or early close, cancel what is left."""
+    futures.reverse()
+    try:
+        while futures:
+            fut = futures.pop()
+            try:
+                value = fut.result(None if end is None else end - time.monotonic())
+            finally:
+                fut.cancel()
+                del fut
+            if not chunked:
+                yield value
+                continue
+            values, errors = value
+            del value
+            for i, item in enumerate(values):
+                if i in errors:
+                    raise errors[i]
+                yield item
+    finally:
+        for fut in futures:
+            fut.cancel()
