@@ -3,7 +3,9 @@
 ``Parallel(n_jobs=2)(delayed(f)(x) for x in xs)`` runs on a
 :class:`~mmexec.MemmapExecutor` (backend ``'loky'``), a
 ``ThreadPoolExecutor`` (``'threading'``), in the caller (``'sequential'``),
-or on any ``concurrent.futures.Executor`` passed as ``backend``.
+on the current dask.distributed client's cluster (``'dask'``: a
+:class:`~mmexec.DaskExecutor`, imported only then), or on any
+``concurrent.futures.Executor`` passed as ``backend``.
 
 Calls are cut into batches (adaptive with ``batch_size='auto'``), at most
 ``pre_dispatch`` calls are in flight, and results are collected by blocking
@@ -20,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import loky
 
@@ -28,6 +30,9 @@ from ._executor import MemmapExecutor
 from ._options import DEFAULT_MAX_NBYTES
 from ._reducer import in_worker
 from ._store import Session
+
+if TYPE_CHECKING:
+    from ._dask import DaskExecutor
 
 __all__ = ["Parallel", "delayed", "parallel_config"]
 
@@ -181,10 +186,14 @@ class Parallel:
         self.mmap_mode = _option("mmap_mode", mmap_mode)
         self.backend = self._choose_backend(_option("backend", backend), prefer, require)
         requested = _option("n_jobs", n_jobs)
+        if requested in (None, -1) and self.backend == "dask":
+            from ._dask import cluster_threads
+
+            requested = cluster_threads()  # every thread of the cluster (needs a client now)
         if requested is None and isinstance(self.backend, Executor):
             requested = getattr(self.backend, "_max_workers", 1)
         self.n_jobs = effective_n_jobs(requested)
-        if self.n_jobs == 1 and not isinstance(self.backend, Executor):
+        if self.n_jobs == 1 and not isinstance(self.backend, Executor) and self.backend != "dask":
             self.backend = "sequential"
         self.pre_dispatch = self._pre_dispatch_count(pre_dispatch)
         self._executor: Executor | None = None
@@ -203,10 +212,6 @@ class Parallel:
             return "sequential" if in_worker() else "loky"
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS} or an Executor instance")
-        if backend == "dask":
-            raise NotImplementedError(
-                "backend='dask' comes with the mmexec[dask] extra (issue #6) and is not available yet"
-            )
         return "loky" if backend in PROCESS_BACKENDS else backend
 
     def _pre_dispatch_count(self, pre_dispatch: int | str) -> int | None:
@@ -230,6 +235,10 @@ class Parallel:
             )
         if self.backend == "threading":
             return ThreadPoolExecutor(self.n_jobs)
+        if self.backend == "dask":
+            from ._dask import DaskExecutor
+
+            return DaskExecutor(max_nbytes=self.max_nbytes)
         return None
 
     def __enter__(self) -> Parallel:
@@ -322,9 +331,9 @@ class _Run:
         first, count, sent = self.n_dispatched, len(batch), time.monotonic()
         executor = self.executor
         fn = batch[0][0]
-        if isinstance(executor, MemmapExecutor) and all(c[0] is fn and not c[2] for c in batch):
+        if _takes_sessions(executor) and all(c[0] is fn and not c[2] for c in batch):
             fut = executor._submit(("map", fn, [c[1] for c in batch]), self.session)
-        elif isinstance(executor, MemmapExecutor):
+        elif _takes_sessions(executor):
             fut = executor._submit(("chunk", batch), self.session)
         else:
             assert executor is not None
@@ -406,6 +415,12 @@ class _Run:
         self.bar.close()
         if self.owned and self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _takes_sessions(executor: Executor | None) -> TypeGuard[MemmapExecutor | DaskExecutor]:
+    """Executors that take whole batches and check each array once per Parallel call."""
+    dask = sys.modules.get("mmexec._dask")  # imported if a DaskExecutor exists
+    return isinstance(executor, MemmapExecutor) or (dask is not None and isinstance(executor, dask.DaskExecutor))
 
 
 def _should_report(before: int, after: int, verbose: int) -> bool:

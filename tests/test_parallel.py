@@ -67,12 +67,10 @@ def test_executor_instance_as_backend_is_used_and_left_open(make):
         ex.shutdown()
 
 
-def test_unknown_and_future_backends_say_so():
-    """An unknown backend lists the known ones; 'dask' names its extra."""
+def test_unknown_backends_say_so():
+    """An unknown backend lists the known ones ('dask' is tested in test_dask.py, on a cluster)."""
     with pytest.raises(ValueError, match="threading"):
         Parallel(backend="nope")
-    with pytest.raises(NotImplementedError, match=r"mmexec\[dask\]"):
-        Parallel(backend="dask")
 
 
 def test_prefer_threads_and_require_sharedmem_run_in_the_caller():
