@@ -24,6 +24,8 @@ WORKLOADS = {
     "S4": "S4: 16 tasks each returning a new 50 MB array",
     "S5": "S5: row sums of a 10 x 1e6 float64 memmap written into an output np.memmap",
     "warm": "Warm start: a second executor (or Parallel call) on a warm pool, up to its first trivial result",
+    "D1": "D1: one 100 MB array passed whole to 8 tasks on a dask LocalCluster (fresh array object each round)",
+    "D1-reuse": "D1-reuse: as D1, the same unchanged array object every round",
 }
 ORDER = ["ppe", "ppe-tuned", "ppe-paths", "loky", "joblib", "mmexec", "mmexec-map", "mmexec-Parallel"]
 #: The rows mmexec's targets apply to.
