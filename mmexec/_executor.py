@@ -44,7 +44,7 @@ from loky import BrokenProcessPool
 
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
-from ._reducer import WorkerContext, encode_task, run_task
+from ._reducer import WorkerContext, encode_task, run_initializer, run_task
 from ._store import Holds, MemmapStore, Session
 
 __all__ = ["MemmapExecutor"]
@@ -91,12 +91,15 @@ class MemmapExecutor(Executor):
     max_workers : int, optional
         Number of worker processes (default: the number of CPUs).
     mp_context : optional
-        Accepted for compatibility with ``ProcessPoolExecutor`` and ignored:
-        workers are always started by loky.
+        Accepted for compatibility with ``ProcessPoolExecutor``; used only to
+        start a pool of this executor's own (see ``initargs``). Shared workers
+        are always started by loky.
     initializer, initargs : optional
         ``initializer(*initargs)`` runs once in each worker before the first
         task of this executor. If it raises, the executor is broken and its
-        futures raise ``BrokenProcessPool``.
+        futures raise ``BrokenProcessPool``. If ``initargs`` hold objects that
+        only new processes can inherit (a ``multiprocessing.Queue``), this
+        executor starts a pool of its own with them, shut down with it.
     max_tasks_per_child : None
         Accepted for signature compatibility; only None is supported because
         loky reuses workers across executors.
@@ -149,16 +152,23 @@ class MemmapExecutor(Executor):
         _check_main_guard()
         self._max_workers = max_workers
         self._store = MemmapStore(parse_max_nbytes(max_nbytes), validate_mmap_mode(mmap_mode), temp_folder)
-        blob = None if initializer is None else cloudpickle.dumps((initializer, tuple(initargs)))
-        self._init_blob = blob
         self._token = secrets.token_hex(8)
+        self._init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
         self._ctx: WorkerContext | None = None
         self._lock = threading.RLock()
         self._pending: set[Future[Any]] = set()
         self._inflight = 0
         self._shutdown = False
         self._broken: str | bool = False
-        self._pool = _shared_pool(max_workers)
+        # An initializer whose arguments can only be inherited at process start (a
+        # multiprocessing.Queue, say) gets a pool of its own, started with them.
+        self._own_pool = dedicated is not None
+        if dedicated is not None:
+            self._pool = loky.ProcessPoolExecutor(
+                max_workers, context=mp_context, initializer=run_initializer, initargs=(self._token, *dedicated)
+            )
+        else:
+            self._pool = _shared_pool(max_workers)
         self._finalizer = weakref.finalize(self, self._store.close)
 
     # ------------------------------------------------------------------ API
@@ -208,6 +218,8 @@ class MemmapExecutor(Executor):
             self._store.close()
         else:
             self._close_if_idle()
+        if self._own_pool:
+            self._pool.shutdown(wait=wait)
 
     # ------------------------------------------------------------- internal
     def _auto_chunksize(self, n: int) -> int:
@@ -259,6 +271,8 @@ class MemmapExecutor(Executor):
             self._mark_broken(exc)
             raise
         except RuntimeError:
+            if self._own_pool:
+                raise
             # Another user of loky's reusable pool restarted it: take the new one.
             self._pool = _shared_pool(self._max_workers)
             fut = self._pool.submit(run_task, payload, ctx)
@@ -281,7 +295,7 @@ class MemmapExecutor(Executor):
     def _mark_broken(self, exc: BaseException) -> None:
         with self._lock:
             if not self._broken:
-                self._broken = f"The worker pool is broken ({type(exc).__name__}: {exc})."
+                self._broken = f"This executor is broken ({type(exc).__name__}: {exc})."
 
     def _close_if_idle(self) -> None:
         with self._lock:
@@ -290,29 +304,50 @@ class MemmapExecutor(Executor):
             self._store.close()
 
 
+def _pickle_initializer(
+    initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+) -> tuple[bytes | None, tuple[Callable[..., object], tuple[Any, ...]] | None]:
+    """``(blob, None)`` to send the initializer with tasks, or ``(None, (initializer, initargs))``
+    when its arguments can only be inherited by new processes."""
+    if initializer is None:
+        return None, None
+    try:
+        return cloudpickle.dumps((initializer, initargs)), None
+    except RuntimeError as exc:
+        if "inheritance" not in str(exc):  # multiprocessing's assert_spawning
+            raise
+        return None, (initializer, initargs)
+
+
+def _result_or_cancel(fut: Future[Any], timeout: float | None) -> Any:
+    try:
+        try:
+            return fut.result(timeout)
+        finally:
+            fut.cancel()
+    finally:
+        del fut  # break the cycle through a stored exception's traceback
+
+
 def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
-    """Yield results in order; on timeout, error or early close, cancel what is left."""
+    """Yield results in order; on timeout, error or early close, cancel what is left.
+
+    No local variable keeps a yielded result alive: once the caller drops it,
+    it is freed (as in the stdlib).
+    """
     futures.reverse()
     try:
         while futures:
-            fut = futures.pop()
-            try:
-                value = fut.result(None if end is None else end - time.monotonic())
-            finally:
-                fut.cancel()
-                del fut
+            timeout = None if end is None else end - time.monotonic()
             if not chunked:
-                yield value
+                yield _result_or_cancel(futures.pop(), timeout)
                 continue
-            values, errors = value
-            del value
-            for i, item in enumerate(values):
+            values, errors = _result_or_cancel(futures.pop(), timeout)
+            values.reverse()
+            for i in range(len(values)):
                 if i in errors:
                     raise errors[i]
-                yield item
-            del values, errors
+                yield values.pop()
     finally:
         for fut in futures:
             fut.cancel()
-
-

@@ -13,6 +13,7 @@ references, which the caller maps in :func:`decode_result`.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import threading
@@ -24,12 +25,13 @@ from typing import Any, Callable
 
 import cloudpickle
 import numpy as np
+from loky import BrokenProcessPool
 
 from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, open_ref, open_whole, write_array
 from ._store import ArrayStore, Holds, folder_owner, owner_of
 from ._tempfolder import create_private_file
 
-__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_task"]
+__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_initializer", "run_task"]
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -261,23 +263,30 @@ def _ensure_watchdog() -> None:
         _watchdog.start()
 
 
+def run_initializer(token: str, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
+    """Run an executor's initializer in this worker and remember how it went.
+
+    Also the initializer loky runs at process start for an executor with a
+    pool of its own. A failure is logged as the stdlib does (``concurrent.futures``
+    logger, CRITICAL) and breaks the executor at its first task here.
+    """
+    try:
+        initializer(*initargs)
+    except BaseException as exc:
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+        _initialized[token] = exc
+    else:
+        _initialized[token] = None
+
+
 def _ensure_initialized(ctx: WorkerContext) -> None:
-    """Run this executor's initializer once in this worker; fail like the stdlib if it fails."""
-    if ctx.initializer is None:
-        return
+    """Run this executor's initializer once in this worker; fail like the stdlib if it failed."""
     if ctx.token not in _initialized:
-        initializer, initargs = pickle.loads(ctx.initializer)
-        try:
-            initializer(*initargs)
-        except BaseException as exc:
-            traceback.print_exc()
-            _initialized[ctx.token] = exc
-        else:
-            _initialized[ctx.token] = None
+        if ctx.initializer is None:
+            return
+        run_initializer(ctx.token, *pickle.loads(ctx.initializer))
     error = _initialized[ctx.token]
     if error is not None:
-        from concurrent.futures.process import BrokenProcessPool
-
         raise BrokenProcessPool(
             "A child process failed to run the executor's initializer; the executor "
             "cannot run tasks. Fix the initializer and create a new executor."
@@ -319,7 +328,16 @@ def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     _ensure_watchdog()
     _limit_threads(ctx.threads)
     _ensure_initialized(ctx)
-    task = _loads(payload)
+    try:
+        task = _loads(payload)
+    except BaseException as exc:
+        # As in ProcessPoolExecutor, a task that cannot be rebuilt in the worker breaks
+        # the executor (here without killing the shared worker).
+        raise BrokenProcessPool(
+            f"A task could not be unpickled in the worker ({type(exc).__name__}: {exc}); the "
+            "executor cannot run tasks. Create a new executor, and check that the arguments "
+            "can be unpickled in another process (pickle.loads(pickle.dumps(args)))."
+        ) from exc
     del payload
     kind = task[0]
     if kind == "call":

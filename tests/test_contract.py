@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 import threading
+import weakref
 import traceback
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -33,6 +36,18 @@ def _read_state() -> object:
 
 def _bad_init() -> None:
     raise RuntimeError("initializer failed on purpose")
+
+
+def _report_to(queue) -> None:
+    queue.put(os.getpid())
+
+
+class Box:
+    """A result that can be weakly referenced."""
+
+
+def make_box(i: int) -> Box:
+    return Box()
 
 
 def _exit_worker() -> None:
@@ -179,6 +194,32 @@ def test_failing_initializer_breaks_the_executor(executor_class):
             ex.submit(square, 2).result(timeout=60)
     finally:
         ex.shutdown(wait=True)
+
+
+def test_initializer_can_receive_a_queue(executor_class):
+    """initargs may hold objects that only new processes can inherit (the logging-cookbook Queue)."""
+    ctx = multiprocessing.get_context()
+    queue = ctx.Queue()
+    try:
+        with executor_class(2, ctx, _report_to, (queue,)) as ex:
+            worker = ex.submit(os.getpid).result(timeout=60)
+            reported = {queue.get(timeout=60)}
+            while worker not in reported:
+                reported.add(queue.get(timeout=60))
+            assert ex.submit(square, 4).result(timeout=60) == 16
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_map_keeps_no_reference_to_yielded_results(executor, chunksize):
+    """A result of map() is freed as soon as the caller drops it (CPython issue #14406)."""
+    for obj in executor.map(make_box, range(8), chunksize=chunksize):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None
 
 
 def test_dead_worker_gives_broken_process_pool(executor_class):

@@ -76,7 +76,8 @@ DEAD = (BrokenProcessPool,)
 ROWS = [
     # phase, how, expected exception
     ("pickle-in-caller", "exception", RuntimeError),
-    ("unpickle-in-worker", "exception", RuntimeError),
+    # As in ProcessPoolExecutor, a task that cannot be rebuilt breaks the executor.
+    ("unpickle-in-worker", "exception", BrokenProcessPool),
     ("unpickle-in-worker", "exit", BrokenProcessPool),
     ("run", "exception", RuntimeError),
     ("run", "exit", BrokenProcessPool),
