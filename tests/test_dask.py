@@ -94,10 +94,18 @@ def client() -> Iterator[Any]:
 
 @pytest.fixture(autouse=True)
 def cluster_released(client: Any) -> Iterator[None]:
-    """After each test the cluster holds nothing: every scattered array and result was released."""
+    """After each test the cluster holds nothing: every scattered array and result was released.
+
+    Collected at each poll: when a cancel races a finishing task, distributed's
+    ClientExecutor leaves the dask future in a garbage cycle, released at the next GC.
+    """
+
+    def released() -> bool:
+        gc.collect()
+        return not cluster_keys(client)
+
     yield
-    gc.collect()
-    wait_until(lambda: not cluster_keys(client), f"cluster still holds {cluster_keys(client)}")
+    wait_until(released, f"cluster still holds {cluster_keys(client)}")
 
 
 @pytest.fixture
@@ -158,6 +166,24 @@ def test_an_array_changed_between_submits_is_sent_again(ex: DaskExecutor, client
     assert ex.submit(lambda x: x.shape, a).result() == (2, BIG // 2)
     assert ex._store.scatters == 4
     wait_until(lambda: len(scattered_keys(client)) == 1, "the outdated copies are released")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: np.zeros((1250, 2000)), lambda: np.zeros((1250, 2000), order="F"), lambda: np.zeros((1250, 4000))[:, ::2]],
+    ids=["C", "Fortran", "strided"],
+)
+def test_the_content_check_sees_a_change_anywhere(make: Callable[[], np.ndarray]) -> None:
+    """The content signature of a 20 MB array changes with any one element (first, middle, last block)."""
+    from mmexec._dask import _signature
+
+    a = make()
+    before = _signature(a)
+    for index in [(0, 0), (625, 1000), (1249, 1999)]:
+        a[index] = 1.0
+        assert _signature(a) != before
+        a[index] = 0.0
+        assert _signature(a) == before
 
 
 def test_the_copy_is_released_when_the_caller_array_dies(ex: DaskExecutor, client: Any) -> None:
