@@ -237,8 +237,8 @@ def test_memmap_arguments_raise_a_clear_error(ex: DaskExecutor, client: Any, tmp
     del info, mm
 
 
-def test_memmap_errors_in_map_and_parallel_submit_nothing(ex: DaskExecutor, client: Any, tmp_path: Any) -> None:
-    """map and Parallel raise LocalMemmapError before running anything, and cancel what they sent."""
+def test_memmap_errors_in_map_and_parallel(ex: DaskExecutor, client: Any, tmp_path: Any) -> None:
+    """map and Parallel raise LocalMemmapError and cancel what they had sent; the executor stays usable."""
     path = tmp_path / "out.f8"
     out = np.memmap(path, dtype=np.float64, mode="w+", shape=(4,))
     with pytest.raises(LocalMemmapError):
