@@ -78,9 +78,86 @@ def _check_main_guard() -> None:
         frame = frame.f_back
 
 
-def _shared_pool(max_workers: int) -> Any:
-    """loky's reusable pool, always asked for with the same options so it never restarts."""
-    return loky.get_reusable_executor(max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT)
+class _Pools:
+    """Hands out loky pools: the thread's shared reusable pool whenever that is safe.
+
+    loky keeps one reusable pool per thread and resizes it when asked for
+    another size, waiting first for the tasks it runs. So an executor whose
+    size differs from that of a live executor still using the shared pool
+    (not shut down) gets a pool of its own instead: it never waits for, nor
+    resizes, another executor's workers.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(shared pool) -> live executors on it
+        self._local = threading.local()  # .pool, .size: this thread's shared pool
+
+    def acquire(self, max_workers: int) -> tuple[Any, bool]:
+        """A pool for a new executor, and whether it is the executor's own (True) or shared."""
+        with self._lock:
+            pool = getattr(self._local, "pool", None)
+            if pool is not None and self._local.size != max_workers and self._users.get(id(pool), 0):
+                return loky.ProcessPoolExecutor(max_workers), True
+            pool = self._shared(max_workers)
+            self._users[id(pool)] = self._users.get(id(pool), 0) + 1
+            return pool, False
+
+    def replace(self, old: Any, max_workers: int) -> Any:
+        """The thread's new shared pool, after another user of loky's pool restarted it."""
+        with self._lock:
+            self._forget(old)
+            pool = self._shared(max_workers)
+            self._users[id(pool)] = self._users.get(id(pool), 0) + 1
+            return pool
+
+    def release(self, pool: Any) -> None:
+        with self._lock:
+            self._forget(pool)
+
+    def _forget(self, pool: Any) -> None:
+        left = self._users.get(id(pool), 0) - 1
+        if left > 0:
+            self._users[id(pool)] = left
+        else:
+            self._users.pop(id(pool), None)
+
+    def _shared(self, max_workers: int) -> Any:
+        # Always the same options, so loky never restarts the pool for a new executor.
+        pool = loky.get_reusable_executor(max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT)
+        self._local.pool, self._local.size = pool, max_workers
+        return pool
+
+
+_POOLS = _Pools()
+
+
+class _Lease:
+    """An executor's hold on its pool; given back once, by shutdown() or when the executor is dropped."""
+
+    def __init__(self, pool: Any, own: bool, max_workers: int) -> None:
+        self.pool = pool
+        self.own = own
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._released = False
+
+    def renew(self) -> Any:
+        """After another user of loky's reusable pool restarted it: the new one."""
+        with self._lock:
+            if not self.own and not self._released:
+                self.pool = _POOLS.replace(self.pool, self._max_workers)
+            return self.pool
+
+    def release(self, wait: bool = False) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        if self.own:
+            self.pool.shutdown(wait=wait)
+        else:
+            _POOLS.release(self.pool)
 
 
 class MemmapExecutor(Executor):
@@ -162,14 +239,15 @@ class MemmapExecutor(Executor):
         self._broken: str | bool = False
         # An initializer whose arguments can only be inherited at process start (a
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
-        self._own_pool = dedicated is not None
         if dedicated is not None:
-            self._pool = loky.ProcessPoolExecutor(
+            pool = loky.ProcessPoolExecutor(
                 max_workers, context=mp_context, initializer=run_initializer, initargs=(self._token, *dedicated)
             )
+            self._lease = _Lease(pool, True, max_workers)
         else:
-            self._pool = _shared_pool(max_workers)
-        self._finalizer = weakref.finalize(self, self._store.close)
+            self._lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
+        self._pool = self._lease.pool
+        self._finalizer = weakref.finalize(self, _close, self._store, self._lease)
 
     # ------------------------------------------------------------------ API
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
@@ -216,10 +294,11 @@ class MemmapExecutor(Executor):
         if wait:
             wait_futures(pending)
             self._store.close()
-        else:
-            self._close_if_idle()
-        if self._own_pool:
-            self._pool.shutdown(wait=wait)
+            self._lease.release(wait=True)
+            return
+        if self._lease.own:
+            self._lease.release(wait=False)  # its workers finish the queue, then exit
+        self._close_if_idle()
 
     # ------------------------------------------------------------- internal
     def _auto_chunksize(self, n: int) -> int:
@@ -265,17 +344,22 @@ class MemmapExecutor(Executor):
 
     def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds) -> Future[Any]:
         try:
-            fut: Future[Any] = self._pool.submit(run_task, payload, ctx)
-        except BrokenProcessPool as exc:
-            holds.release()
-            self._mark_broken(exc)
-            raise
-        except RuntimeError:
-            if self._own_pool:
+            try:
+                fut: Future[Any] = self._pool.submit(run_task, payload, ctx)
+            except BrokenProcessPool as exc:
+                self._mark_broken(exc)
                 raise
-            # Another user of loky's reusable pool restarted it: take the new one.
-            self._pool = _shared_pool(self._max_workers)
-            fut = self._pool.submit(run_task, payload, ctx)
+            except RuntimeError:
+                if _interpreter_exiting():
+                    raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
+                if self._lease.own:
+                    raise
+                # Another user of loky's reusable pool restarted it: take the new one.
+                self._pool = self._lease.renew()
+                fut = self._pool.submit(run_task, payload, ctx)
+        except BaseException:
+            holds.release()
+            raise
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(partial(self._task_done, holds))
@@ -302,6 +386,18 @@ class MemmapExecutor(Executor):
             idle = not self._pending and self._inflight == 0
         if idle:
             self._store.close()
+            self._lease.release()  # a shared pool is free to resize once our tasks are done
+
+
+def _interpreter_exiting() -> bool:
+    """True once loky's exit hook ran (it refuses new tasks from then on)."""
+    return bool(getattr(loky.process_executor, "_global_shutdown", False)) or sys.is_finalizing()
+
+
+def _close(store: MemmapStore, lease: _Lease) -> None:
+    """An executor dropped without shutdown(): delete its files, give its pool back."""
+    store.close()
+    lease.release()
 
 
 def _pickle_initializer(

@@ -253,3 +253,32 @@ def test_second_executor_reuses_warm_workers():
     with MemmapExecutor(2, max_nbytes=None, mmap_mode="c") as second:
         assert second._pool is pool
         assert {second.submit(pid).result(timeout=60) for _ in range(4)} <= workers
+
+
+def test_executor_of_another_size_does_not_wait_for_a_busy_one(executor_class, tmp_path):
+    """Two live executors of different sizes are independent: the second neither waits for nor resizes the first."""
+    go = str(tmp_path / "go")
+    first = executor_class(1)
+    try:
+        blocked = first.submit(wait_event, go, 60.0)
+        _wait_until_started(blocked)
+        with executor_class(2) as second:  # used to wait for `blocked` (loky resized its pool)
+            assert sorted(second.map(square, range(4))) == [0, 1, 4, 9]
+        assert not blocked.done()
+        open(go, "w").close()
+        assert blocked.result(timeout=60) == go
+    finally:
+        first.shutdown(wait=True)
+
+
+def test_shutdown_without_wait_frees_the_shared_pool_once_idle(tmp_path):
+    """After shutdown(wait=False), a new executor of another size does not wait for the old tasks either."""
+    go = str(tmp_path / "go")
+    first = MemmapExecutor(1)
+    blocked = first.submit(wait_event, go, 60.0)
+    _wait_until_started(blocked)
+    first.shutdown(wait=False)
+    with MemmapExecutor(2) as second:
+        assert second.submit(square, 5).result(timeout=60) == 25
+    open(go, "w").close()
+    assert blocked.result(timeout=60) == go
