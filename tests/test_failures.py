@@ -129,6 +129,34 @@ def test_task_exception_fails_only_its_own_future():
         assert [f.result(timeout=60) for f in good] == [i * i for i in range(10)]
 
 
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import ctypes
+    from mmexec import MemmapExecutor
+
+    def crash_in_native_code():
+        ctypes.string_at(0)
+
+    if __name__ == "__main__":
+        with MemmapExecutor(1) as ex:
+            try:
+                ex.submit(crash_in_native_code).result(timeout=60)
+            except Exception as exc:
+                print("caller saw", type(exc).__name__, flush=True)
+    """
+)
+
+
+def test_segfault_in_a_task_names_the_task_on_stderr(tmp_path):
+    """A worker killed by a segfault prints the Python traceback of the task it ran (faulthandler)."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "caller saw TerminatedWorkerError" in done.stdout, done.stderr
+    assert "Segmentation fault" in done.stderr
+    assert "crash_in_native_code" in done.stderr
+
+
 def test_concurrent_submit_from_threads_dumps_and_cleans():
     """Eight threads submitting large arrays at once all get correct results, and files go away."""
     arrays = [np.full(200_000, float(i)) for i in range(8)]
