@@ -281,7 +281,7 @@ class Runner:
             Parallel, delayed = self.parallel
             return list(Parallel(n_jobs=WORKERS)(delayed(fn)(*c) for c in calls))
         if self.use_map:
-            return self.map(fn, *zip(*calls))
+            return self.map(fn, *zip(*calls, strict=True))
         futures = [self.executor.submit(fn, *c) for c in calls]
         return [f.result() for f in futures]
 
@@ -289,7 +289,7 @@ class Runner:
         """``map(fn, *iterables)`` with the contender's defaults (or the tuned chunksize)."""
         if self.parallel is not None:
             Parallel, delayed = self.parallel
-            return list(Parallel(n_jobs=WORKERS)(delayed(fn)(*args) for args in zip(*iterables)))
+            return list(Parallel(n_jobs=WORKERS)(delayed(fn)(*args) for args in zip(*iterables, strict=False)))
         if self.chunksize is not None:
             return list(self.executor.map(fn, *iterables, chunksize=self.chunksize))
         return list(self.executor.map(fn, *iterables))

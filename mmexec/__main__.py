@@ -43,7 +43,10 @@ def _measure(make: Callable[[], Executor], a: np.ndarray, tasks: int) -> tuple[f
 def demo(size_mb: int, tasks: int, workers: int) -> int:
     a = np.random.default_rng(0).random(size_mb * 2**20 // 8)
     print(f"mmexec demo: {tasks} tasks each sum a slice of one {a.nbytes / 2**20:.0f} MiB float64 array,")
-    print(f"{workers} worker processes. Peak memory: parent + workers (PSS) + shared-memory files, above the baseline.\n")
+    print(
+        f"{workers} worker processes. Peak memory: parent + workers (PSS) + shared-memory files, "
+        "above the baseline.\n"
+    )
     rows = []
     for name, make in (
         ("ProcessPoolExecutor", lambda: ProcessPoolExecutor(workers)),

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 from functools import partial
+from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
 import cloudpickle
@@ -66,7 +67,7 @@ def _check_main_guard() -> None:
     guard) would start a pool in every child, and so on. (loky's own workers
     never re-run the script, so this only fires under other pools.)
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
             raise MainGuardError(
@@ -254,7 +255,7 @@ class MemmapExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)``; large arrays in the arguments go by memory map."""
         return self._submit(("call", (fn, args, kwargs)), Session())
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
@@ -269,7 +270,7 @@ class MemmapExecutor(Executor):
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        arglists = list(zip(*iterables))
+        arglists = list(zip(*iterables, strict=False))  # stops at the shortest, as the stdlib
         size = chunksize if chunksize is not None else self._auto_chunksize(len(arglists))
         session = Session()
         if size == 1:
@@ -321,7 +322,7 @@ class MemmapExecutor(Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _submit(self, task: tuple[str, Any], session: Session) -> Future[Any]:
+    def _submit(self, task: tuple[Any, ...], session: Session) -> Future[Any]:
         with self._lock:
             self._check_usable()
             self._inflight += 1

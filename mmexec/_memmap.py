@@ -118,7 +118,7 @@ def write_array(fd: int, path: str, a: np.ndarray) -> None:
     pos = 0
     try:
         for block in _contiguous_blocks(a):
-            view = memoryview(block)
+            view = memoryview(block)  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
             while view:
                 n = os.pwrite(fd, view, pos)
                 view = view[n:]
@@ -155,7 +155,8 @@ def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:
     if whole is None:
         whole = open_whole(ref.path, ref.mode)
     view = np.ndarray.__new__(
-        np.memmap, ref.shape, ref.dtype, buffer=whole, offset=ref.offset, strides=ref.strides, order=ref.order
+        np.memmap, ref.shape, ref.dtype, buffer=whole, offset=ref.offset, strides=ref.strides,
+        order=ref.order,  # type: ignore[arg-type]  # "C" or "F", checked when the ref was made
     )
     view._mmap = whole._mmap  # type: ignore[attr-defined]
     view.filename = whole.filename
@@ -166,7 +167,7 @@ def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:
 
 def open_whole(path: str, mode: str) -> np.memmap:
     """Map a whole file as bytes; ``'w+'`` is opened as ``'r+'`` so nothing is truncated."""
-    return np.memmap(path, dtype=np.uint8, mode="r+" if mode == "w+" else mode)
+    return np.memmap(path, dtype=np.uint8, mode="r+" if mode == "w+" else mode)  # type: ignore[call-overload,no-any-return]
 
 
 def dump(array: np.ndarray, filename: str | os.PathLike[str]) -> list[str]:
@@ -199,4 +200,4 @@ def load(filename: str | os.PathLike[str], mmap_mode: str | None = None) -> Any:
         mmap_mode = validate_mmap_mode(mmap_mode)
         if mmap_mode == "w+":
             mmap_mode = "r+"
-    return np.load(os.fspath(filename), mmap_mode=mmap_mode, allow_pickle=False)
+    return np.load(os.fspath(filename), mmap_mode=mmap_mode, allow_pickle=False)  # type: ignore[arg-type]

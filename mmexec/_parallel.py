@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
 
 import loky
 
@@ -70,7 +70,7 @@ _DEFAULTS: dict[str, Any] = {
     "prefer": None,
     "require": None,
 }
-_config: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("mmexec_parallel_config", default={})
+_config: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("mmexec_parallel_config", default=None)
 _UNSET: Any = object()
 
 
@@ -89,10 +89,10 @@ class parallel_config:  # noqa: N801 - joblib's name
         if unknown:
             raise TypeError(f"parallel_config got unknown options {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
         self._options = options
-        self._token: contextvars.Token[dict[str, Any]] | None = None
+        self._token: contextvars.Token[dict[str, Any] | None] | None = None
 
     def __enter__(self) -> parallel_config:
-        self._token = _config.set({**_config.get(), **self._options})
+        self._token = _config.set({**(_config.get() or {}), **self._options})
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,7 +103,7 @@ class parallel_config:  # noqa: N801 - joblib's name
 def _option(name: str, value: Any) -> Any:
     if value is not _UNSET:
         return value
-    return _config.get().get(name, _DEFAULTS[name])
+    return (_config.get() or {}).get(name, _DEFAULTS[name])
 
 
 def effective_n_jobs(n_jobs: int | None) -> int:
@@ -115,7 +115,7 @@ def effective_n_jobs(n_jobs: int | None) -> int:
     if n_jobs == 0:
         raise ValueError("n_jobs == 0 has no meaning: use n_jobs=1 to run sequentially, -1 for all CPUs")
     if n_jobs < 0:
-        return max(1, loky.cpu_count() + 1 + n_jobs)
+        return max(1, int(loky.cpu_count()) + 1 + n_jobs)
     return n_jobs
 
 
@@ -377,7 +377,7 @@ class _Run:
             values, errors = outcomes
             if errors:
                 raise errors[min(errors)]
-            return values
+            return cast("list[Any]", values)
         values = []
         for ok, value in outcomes:
             if not ok:

@@ -20,8 +20,9 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -38,7 +39,7 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 # --------------------------------------------------------------------- caller
-class _TaskPickler(cloudpickle.Pickler):
+class _TaskPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, with ndarrays swapped for the store's references.
 
     ``reducer_override`` (unlike ``persistent_id``) is not called for ints,
@@ -160,7 +161,7 @@ class _EncodedResult:
 
 
 # --------------------------------------------------------------------- worker
-class _ResultPickler(cloudpickle.Pickler):
+class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, file: io.BytesIO, ctx: WorkerContext) -> None:
         super().__init__(file, protocol=_PROTOCOL)
         self._ctx = ctx

@@ -24,6 +24,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -268,7 +269,7 @@ class MemmapStore:
             self._capacity[ref_path] = reusable
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, weakref.ref(a, lambda _, k=key, p=ref_path: self._forget(k, p)), ref_path, ref)
+        dump = _Dump(key, weakref.ref(a, partial(_forget_when_freed, self, key, ref_path)), ref_path, ref)
         dump.flat = None if flat is None else flat[: a.nbytes]
         with self._lock:
             old = self._dumps.get(key)
@@ -340,6 +341,10 @@ class MemmapStore:
             for folder in self._folders.values():
                 _FOLDERS.pop(folder, None)
                 remove_private_folder(folder)
+
+
+def _forget_when_freed(store: MemmapStore, key: int, path: str, _: weakref.ref[np.ndarray]) -> None:
+    store._forget(key, path)
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -56,7 +56,7 @@ def executor(executor_class: type[Executor]) -> Iterator[Executor]:
 
 
 @pytest.fixture
-def mx(tmp_path: "os.PathLike[str]") -> Iterator[MemmapExecutor]:
+def mx(tmp_path: os.PathLike[str]) -> Iterator[MemmapExecutor]:
     """A 2-worker MemmapExecutor with a small threshold (64 KiB)."""
     ex = MemmapExecutor(2, max_nbytes="64K")
     try:

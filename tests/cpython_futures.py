@@ -331,7 +331,7 @@ def imports(name):
     except Exception:
         return False
 print(json.dumps({"version": list(sys.version_info[:3]), "tests": found(%r), "module": imports(sys.argv[1])}))
-""" % SUITE
+""" % SUITE  # noqa: UP031 - the braces of the script would need doubling
 
 
 def probe(python: str, module: str) -> dict | None:

@@ -6,8 +6,8 @@ import gc
 import multiprocessing
 import os
 import threading
-import weakref
 import traceback
+import weakref
 from concurrent.futures import (
     FIRST_COMPLETED,
     BrokenExecutor,

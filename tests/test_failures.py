@@ -163,10 +163,10 @@ def test_concurrent_submit_from_threads_dumps_and_cleans():
     results: dict[int, float] = {}
     with MemmapExecutor(2) as ex:
 
-        def work(i: int) -> None:
-            results[i] = sum(ex.submit(describe, arrays[i]).result(timeout=60)["sum"] for _ in range(5))
+        def work(i: int, a: np.ndarray) -> None:
+            results[i] = sum(ex.submit(describe, a).result(timeout=60)["sum"] for _ in range(5))
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=work, args=(i, arrays[i])) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:

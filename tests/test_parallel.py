@@ -143,7 +143,9 @@ def test_batch_size_int_is_honoured_and_auto_grows(monkeypatch):
     """batch_size=5 sends batches of 5; 'auto' grows batches of fast tasks beyond 1."""
     sizes: list[int] = []
     real = parallel_module._Run._submit
-    monkeypatch.setattr(parallel_module._Run, "_submit", lambda self, batch: (sizes.append(len(batch)), real(self, batch)))
+    monkeypatch.setattr(
+        parallel_module._Run, "_submit", lambda self, batch: (sizes.append(len(batch)), real(self, batch))
+    )
     assert Parallel(n_jobs=2, batch_size=5)(delayed(square)(i) for i in range(20)) == [i * i for i in range(20)]
     assert sizes == [5, 5, 5, 5]
     sizes.clear()

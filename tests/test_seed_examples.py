@@ -66,7 +66,7 @@ def test_e2_script_without_main_guard_does_not_fork_bomb(tmp_path):
 
 
 def test_e2_spawn_child_rerunning_an_unguarded_script_gets_a_clear_error(tmp_path):
-    """E2: if a stdlib spawn child re-runs a script that creates an executor at top level, MainGuardError says what to do."""
+    """E2: a stdlib spawn child re-running a script that makes an executor at top level gets MainGuardError."""
     done = _run_script(
         tmp_path,
         """
@@ -141,7 +141,7 @@ def test_e6_memory_maps_by_hand_travel_by_reference(tmp_path):
 
 def sum_row(input, output, i):  # noqa: A002 - the tutorial's names
     output[i] = input[i, :].sum()
-    print("[Worker %d] Sum for row %d is %f" % (os.getpid(), i, output[i]), flush=True)
+    print("[Worker %d] Sum for row %d is %f" % (os.getpid(), i, output[i]), flush=True)  # noqa: UP031 - as in E7
 
 
 def test_e7_workers_write_results_into_a_shared_output(tmp_path):
