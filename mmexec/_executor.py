@@ -440,11 +440,13 @@ def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) 
                 yield _result_or_cancel(futures.pop(), timeout)
                 continue
             values, errors = _result_or_cancel(futures.pop(), timeout)
+            if errors:
+                del values[min(errors) :]  # raise at the first failing item
             values.reverse()
-            for i in range(len(values)):
-                if i in errors:
-                    raise errors[i]
+            while values:
                 yield values.pop()
+            if errors:
+                raise errors[min(errors)]
     finally:
         for fut in futures:
             fut.cancel()
