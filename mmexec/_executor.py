@@ -27,6 +27,7 @@ Who owns what:
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 import threading
@@ -45,7 +46,7 @@ from loky import BrokenProcessPool
 
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
-from ._reducer import WorkerContext, encode_task, run_initializer, run_task
+from ._reducer import WorkerContext, encode_task, run_task, start_worker
 from ._store import Holds, MemmapStore, Session
 
 __all__ = ["MemmapExecutor"]
@@ -99,7 +100,7 @@ class _Pools:
         with self._lock:
             pool = getattr(self._local, "pool", None)
             if pool is not None and self._local.size != max_workers and self._users.get(id(pool), 0):
-                return loky.ProcessPoolExecutor(max_workers), True
+                return loky.ProcessPoolExecutor(max_workers, initializer=start_worker, initargs=(os.getpid(),)), True
             pool = self._shared(max_workers)
             self._users[id(pool)] = self._users.get(id(pool), 0) + 1
             return pool, False
@@ -125,7 +126,9 @@ class _Pools:
 
     def _shared(self, max_workers: int) -> Any:
         # Always the same options, so loky never restarts the pool for a new executor.
-        pool = loky.get_reusable_executor(max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT)
+        pool = loky.get_reusable_executor(
+            max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT, initializer=start_worker, initargs=(os.getpid(),)
+        )
         self._local.pool, self._local.size = pool, max_workers
         return pool
 
@@ -242,7 +245,10 @@ class MemmapExecutor(Executor):
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
         if dedicated is not None:
             pool = loky.ProcessPoolExecutor(
-                max_workers, context=mp_context, initializer=run_initializer, initargs=(self._token, *dedicated)
+                max_workers,
+                context=mp_context,
+                initializer=start_worker,
+                initargs=(os.getpid(), (self._token, *dedicated)),
             )
             self._lease = _Lease(pool, True, max_workers)
         else:

@@ -32,7 +32,7 @@ from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, ope
 from ._store import ArrayStore, Holds, folder_owner, owner_of
 from ._tempfolder import create_private_file
 
-__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_initializer", "run_task"]
+__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_initializer", "run_task", "start_worker"]
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -244,24 +244,40 @@ PARENT_CHECK_INTERVAL = 0.5
 
 
 def _exit_when_orphaned(parent: int) -> None:
-    while True:
+    while os.getppid() == parent:
         time.sleep(PARENT_CHECK_INTERVAL)
-        if os.getppid() != parent:
-            os._exit(1)  # the caller died: nobody wants our results, free our maps now
+    os._exit(1)  # the caller died: nobody wants our results, free our maps now
 
 
-def _ensure_watchdog() -> None:
+def _ensure_watchdog(parent: int | None = None) -> None:
     """Make this worker exit soon after its parent dies, even in the middle of a task.
 
     Then loky's resource tracker sees every process gone and removes the
     caller's folder within seconds instead of after the idle timeout.
+    ``parent`` is the pid of the process that started the pool, passed by it:
+    ``os.getppid()`` here would already name init if the caller died while
+    this worker was starting.
     """
     global _watchdog
     if _watchdog is None:
         _watchdog = threading.Thread(
-            target=_exit_when_orphaned, args=(os.getppid(),), name="mmexec-watchdog", daemon=True
+            target=_exit_when_orphaned, args=(parent or os.getppid(),), name="mmexec-watchdog", daemon=True
         )
         _watchdog.start()
+
+
+def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any, ...]] | None = None) -> None:
+    """loky's initializer for mmexec's pools: runs once as each worker process starts.
+
+    The watchdog must run before the first task: a worker still waiting for
+    one when its caller (``parent``) is killed would otherwise live on until
+    loky's idle timeout, and keep the caller's folder from being removed.
+    ``init`` is ``(token, initializer, initargs)`` for an executor whose
+    pool is its own.
+    """
+    _ensure_watchdog(parent)
+    if init is not None:
+        run_initializer(*init)
 
 
 def run_initializer(token: str, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
