@@ -7,10 +7,12 @@ once the tracker notices. Files are created ``O_EXCL`` and 0600.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import shutil
+import stat
 
 from loky.backend import resource_tracker
 
@@ -33,12 +35,19 @@ FOLDER_PREFIX = "mmexec-"
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
+#: loky's named semaphores, ``/dev/shm/sem.loky-<pid>-<random>``.
+_LOKY_SEMAPHORE_PREFIX = "sem.loky-"
+
+
 def sweep_stale_folders(parent: str) -> None:
-    """Remove our folders left in ``parent`` by processes of this user that no longer exist.
+    """Remove what processes of this user that no longer exist left in ``parent``.
 
     Only a process killed together with loky's resource tracker (SIGKILL of a
-    whole process group) leaves one behind, and then it holds at most the
-    results that were in transit.
+    whole process group) leaves anything behind: our folder, holding at most
+    the results that were in transit, and, in ``/dev/shm``, loky's named
+    semaphores, which that tracker would have unlinked. (Unlinking a
+    semaphore only removes its name: a process that still has it open can
+    go on using it.)
     """
     uid = os.getuid()
     try:
@@ -47,15 +56,23 @@ def sweep_stale_folders(parent: str) -> None:
         return
     for entry in entries:
         name = entry.name
-        if not name.startswith(FOLDER_PREFIX):
+        if name.startswith(FOLDER_PREFIX):
+            pid_text, is_ours = name[len(FOLDER_PREFIX) :].split("-", 1)[0], True
+        elif name.startswith(_LOKY_SEMAPHORE_PREFIX):
+            pid_text, is_ours = name[len(_LOKY_SEMAPHORE_PREFIX) :].split("-", 1)[0], False
+        else:
             continue
-        pid_text = name[len(FOLDER_PREFIX) :].split("-", 1)[0]
         try:
-            if entry.stat(follow_symlinks=False).st_uid != uid or not entry.is_dir(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != uid or stat.S_ISDIR(st.st_mode) != is_ours:
                 continue
             os.kill(int(pid_text), 0)
         except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            if is_ours:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
         except (OSError, ValueError):
             continue
 

@@ -256,6 +256,9 @@ def test_sigkill_of_the_caller_leaves_nothing(tmp_path, group):
     with MemmapExecutor(1) as ex:
         ex.submit(describe, np.ones(300_000)).result(timeout=60)
     assert not os.path.exists(folder)
+    # loky's named semaphores of the killed caller: its tracker, killed with the group, left them
+    parent = os.path.dirname(folder)
+    assert [n for n in os.listdir(parent) if n.startswith(f"sem.loky-{proc.pid}-")] == []
 
 
 def touch_all_then_wait(a: np.ndarray, seconds: float) -> int:
