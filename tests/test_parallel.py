@@ -10,7 +10,7 @@ from math import sqrt
 
 import loky
 import pytest
-from _tasks import raise_value_error, square, wait_event
+from _tasks import add, raise_value_error, square, wait_event
 
 import mmexec._parallel as parallel_module
 from mmexec import MemmapExecutor, Parallel, delayed, parallel_config
@@ -226,3 +226,17 @@ def test_nested_parallel_in_a_worker_runs_sequentially_with_capped_threads():
     pid, inner_backend, omp = Parallel(n_jobs=2)(delayed(_pid_and_inner_backend)() for _ in range(1))[0]
     assert pid != os.getpid() and inner_backend == "sequential"
     assert omp == str(max(1, loky.cpu_count() // 2))
+
+
+def test_delayed_looks_like_the_function_and_captures_the_call():
+    """delayed(f) answers f's name, doc and signature, and returns (f, args, kwargs) when called."""
+    import inspect
+
+    d = delayed(add)
+    assert d(1, b=2) == (add, (1,), {"b": 2})
+    assert (d.__name__, d.__qualname__, d.__doc__, d.__module__) == (
+        add.__name__, add.__qualname__, add.__doc__, add.__module__
+    )
+    assert inspect.signature(d) == inspect.signature(add)
+    with pytest.raises(TypeError, match="callable"):
+        delayed(42)
