@@ -12,6 +12,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 import pytest
 
 from mmexec import MemmapExecutor
+from mmexec._spares import SPARES
 from mmexec._tempfolder import FOLDER_PREFIX
 
 
@@ -26,7 +27,13 @@ def our_folders() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
-    """After each test, this process has no mmexec folder left anywhere."""
+    """After each test, this process has no mmexec folder left anywhere.
+
+    Freed files kept for reuse (process-wide, up to 2 s) are dropped before
+    each test, so that which file a test's dump or result reuses never
+    depends on the tests before it.
+    """
+    SPARES.drop()
     yield
     gc.collect()
     left = our_folders()
