@@ -350,9 +350,12 @@ class MemmapExecutor(Executor):
                 self._close_if_idle()
 
     def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds) -> Future[Any]:
+        spare = self._store.lend_spare()
+        if spare is not None:
+            holds.spare = (self._store, spare[0])
         try:
             try:
-                fut: Future[Any] = self._pool.submit(run_task, payload, ctx)
+                fut: Future[Any] = self._pool.submit(run_task, payload, ctx, spare)
             except BrokenProcessPool as exc:
                 self._mark_broken(exc)
                 raise
@@ -363,7 +366,7 @@ class MemmapExecutor(Executor):
                     raise
                 # Another user of loky's reusable pool restarted it: take the new one.
                 self._pool = self._lease.renew()
-                fut = self._pool.submit(run_task, payload, ctx)
+                fut = self._pool.submit(run_task, payload, ctx, spare)
         except BaseException:
             holds.release()
             raise

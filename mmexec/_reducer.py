@@ -136,7 +136,7 @@ def _open_shared(ref: ArrayRef) -> np.memmap:
 
 def _load_result(ref: ArrayRef) -> np.ndarray:
     """Unpickling a result a worker wrote into the caller's folder."""
-    store = folder_owner(os.path.dirname(ref.path))
+    store = folder_owner(os.path.dirname(ref.path)) or owner_of(ref.path)  # our folder, or a lent spare
     if store is None:
         raise RuntimeError(
             f"a task's result was written to {ref.path!r}, but its executor was shut down "
@@ -190,6 +190,9 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def _dump(self, a: np.ndarray) -> ArrayRef | None:
         if self._ctx.folder is None:
             return None
+        ref = _write_into_spare(a)
+        if ref is not None:
+            return ref
         try:
             fd, path = create_private_file(self._ctx.folder)
         except OSError:
@@ -201,6 +204,31 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
         finally:
             os.close(fd)
         return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
+
+
+#: A freed file of the caller's that the running task may fill with one large result.
+_result_spare: tuple[str, int] | None = None
+
+
+def _write_into_spare(a: np.ndarray) -> ArrayRef | None:
+    """Write ``a`` into the spare lent with this task, if it fits it well (used once)."""
+    global _result_spare
+    spare = _result_spare
+    if spare is None or not spare[1] // 2 <= a.nbytes <= spare[1]:
+        return None
+    path = spare[0]
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    _result_spare = None
+    try:
+        write_array(fd, path, a)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
 
 
 def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
@@ -327,7 +355,17 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
         raise
 
 
-def run_task(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
+def run_task(payload: bytes, ctx: WorkerContext, spare: tuple[str, int] | None = None) -> _EncodedResult:
+    """Run one payload; ``spare`` is a freed file of the caller's lent for a large result."""
+    global _result_spare
+    _result_spare = spare
+    try:
+        return _run_payload(payload, ctx)
+    finally:
+        _result_spare = None
+
+
+def _run_payload(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     """Worker entry point: decode, run, encode.
 
     A payload is one of

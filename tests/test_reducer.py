@@ -10,6 +10,7 @@ import pytest
 from _tasks import describe, describe_tree, fill, identity, live_dumps, make_array, slice_of
 
 from mmexec import MemmapExecutor, has_shareable_memory
+from mmexec._memmap import backing_memmap
 
 K64 = 2**16
 
@@ -192,6 +193,30 @@ def test_large_results_come_back_through_shared_memory(mx):
     assert r.sum() == 200_000
     assert len(files_in(mx)) == 1
     del r
+    gc.collect()
+    assert files_in(mx) == []
+
+
+def _file_of(a: np.ndarray) -> str:
+    mm = backing_memmap(a)
+    assert mm is not None
+    return str(mm.filename)
+
+
+def test_freed_result_lends_its_pages_to_the_next_large_result(mx):
+    """The next large result is written into a freed result's file (pages already allocated), correctly."""
+    first = mx.submit(make_array, 100_000, 1.0).result()
+    path = _file_of(first)
+    del first
+    gc.collect()
+    small = mx.submit(make_array, 10, 5.0).result()  # the lent file goes back unused
+    assert not has_shareable_memory(small)
+    second = mx.submit(make_array, 90_000, 2.0).result()  # a little smaller: still fits
+    assert _file_of(second) == path
+    assert second.shape == (90_000,) and np.all(second == 2.0)
+    third = mx.submit(make_array, 100_000, 3.0).result()  # the file is in use: a new one
+    assert _file_of(third) != path and np.all(third == 3.0) and np.all(second == 2.0)
+    del second, third
     gc.collect()
     assert files_in(mx) == []
 
