@@ -1,4 +1,4 @@
-"""Freed dumps kept for a moment, so the next dump can reuse their pages.
+"""Freed dumps and results kept for a moment, so the next dump or result can reuse their pages.
 
 Writing into a fresh tmpfs file allocates and zeroes every page (about
 3 GB/s here); copying into pages that are already allocated and mapped runs
