@@ -342,20 +342,21 @@ class MemmapExecutor(Executor):
                 failed: Future[Any] = Future()
                 failed.set_exception(exc)
                 return failed
-            return self._send(payload, ctx, holds)
+            calls = len(task[2]) if task[0] == "map" else len(task[1]) if task[0] == "chunk" else 1
+            return self._send(payload, ctx, holds, calls)
         finally:
             with self._lock:
                 self._inflight -= 1
             if self._shutdown:
                 self._close_if_idle()
 
-    def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds) -> Future[Any]:
-        spare = self._store.lend_spare()
-        if spare is not None:
-            holds.spare = (self._store, spare[0])
+    def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds, calls: int = 1) -> Future[Any]:
+        spares = self._store.lend_spares(calls)  # freed files for the payload's large results, if any
+        if spares:
+            holds.spares = (self._store, [path for path, _ in spares])
         try:
             try:
-                fut: Future[Any] = self._pool.submit(run_task, payload, ctx, spare)
+                fut: Future[Any] = self._pool.submit(run_task, payload, ctx, spares or None)
             except BrokenProcessPool as exc:
                 self._mark_broken(exc)
                 raise
@@ -366,7 +367,7 @@ class MemmapExecutor(Executor):
                     raise
                 # Another user of loky's reusable pool restarted it: take the new one.
                 self._pool = self._lease.renew()
-                fut = self._pool.submit(run_task, payload, ctx, spare)
+                fut = self._pool.submit(run_task, payload, ctx, spares or None)
         except BaseException:
             holds.release()
             raise

@@ -206,22 +206,21 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
         return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
 
 
-#: A freed file of the caller's that the running task may fill with one large result.
-_result_spare: tuple[str, int] | None = None
+#: Freed files of the caller's that the running task may fill with large results, (path, capacity).
+_result_spares: list[tuple[str, int]] = []
 
 
 def _write_into_spare(a: np.ndarray) -> ArrayRef | None:
-    """Write ``a`` into the spare lent with this task, if it fits it well (used once)."""
-    global _result_spare
-    spare = _result_spare
-    if spare is None or not spare[1] // 2 <= a.nbytes <= spare[1]:
+    """Write ``a`` into a spare lent with this task that it fits well (each is used once)."""
+    spare = next((s for s in _result_spares if s[1] // 2 <= a.nbytes <= s[1]), None)
+    if spare is None:
         return None
+    _result_spares.remove(spare)
     path = spare[0]
     try:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
-    _result_spare = None
     try:
         write_array(fd, path, a)
     except OSError:
@@ -355,14 +354,13 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
         raise
 
 
-def run_task(payload: bytes, ctx: WorkerContext, spare: tuple[str, int] | None = None) -> _EncodedResult:
-    """Run one payload; ``spare`` is a freed file of the caller's lent for a large result."""
-    global _result_spare
-    _result_spare = spare
+def run_task(payload: bytes, ctx: WorkerContext, spares: list[tuple[str, int]] | None = None) -> _EncodedResult:
+    """Run one payload; ``spares`` are freed files of the caller's lent for large results."""
+    _result_spares[:] = spares or ()
     try:
         return _run_payload(payload, ctx)
     finally:
-        _result_spare = None
+        _result_spares.clear()
 
 
 def _run_payload(payload: bytes, ctx: WorkerContext) -> _EncodedResult:

@@ -56,6 +56,9 @@ __all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "folder_owner", "own
 # reference path -> the store that keeps it open; lets any store hold a dump another made.
 _OWNERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
 _PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
+#: Bytes of the last large result any executor of this process received: tasks are lent
+#: freed files of about this size for theirs (so back-to-back Parallel calls benefit too).
+_RESULT_HINT = [0]
 
 
 # private folder -> the store that made it; results written there belong to it.
@@ -85,15 +88,16 @@ class Holds:
 
     session: Session
     files: list[tuple[MemmapStore, str]] = field(default_factory=list)
-    spare: tuple[MemmapStore, str] | None = None  # a freed file lent for the task's result
+    spares: tuple[MemmapStore, list[str]] | None = None  # freed files lent for the task's results
 
     def release(self) -> None:
         files, self.files = self.files, []
         for store, path in files:
             store.release(path)
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            spare[0].return_spare(spare[1])
+        spares, self.spares = self.spares, None
+        if spares is not None:
+            for path in spares[1]:
+                spares[0].return_spare(path)
 
 
 class ArrayStore(Protocol):
@@ -131,7 +135,6 @@ class MemmapStore:
         self._spares = SPARES
         self._dumps: dict[int, _Dump] = {}
         self._lent: dict[str, Spare] = {}  # reference path -> freed file lent to a task for its result
-        self._result_hint = 0  # bytes of the last large result: tasks get a spare of about this size
         self._closed = False
 
     # -- folders ---------------------------------------------------------
@@ -316,25 +319,27 @@ class MemmapStore:
         self.release(path)
 
     # -- results ---------------------------------------------------------
-    def lend_spare(self) -> tuple[str, int] | None:
-        """A freed file for the next task's large result, ``(path, capacity)``, if this
-        executor's tasks return large results and one of about that size is kept.
+    def lend_spares(self, most: int) -> list[tuple[str, int]]:
+        """Up to ``most`` freed files for a task's large results, ``(path, capacity)`` each,
+        if this executor's tasks return large results and files of about that size are kept.
 
-        Writing into its pages (already allocated) is about twice as fast as
-        into a new tmpfs file. :meth:`open_result` adopts it, or
-        :meth:`return_spare` takes it back when the task did not use it.
+        Writing into their pages (already allocated) is about twice as fast as
+        into a new tmpfs file. :meth:`open_result` adopts each one used, and
+        :meth:`return_spare` takes back the others when the task is done.
         """
-        if not self._result_hint:
-            return None
+        lent: list[tuple[str, int]] = []
+        hint = _RESULT_HINT[0]
+        if not hint:
+            return lent
         with self._lock:
-            if self._closed:
-                return None
-            spare = self._spares.take(self._result_hint, self._base)
-            if spare is None:
-                return None
-            self._lent[spare.path] = spare
-            _OWNERS[spare.path] = self
-        return spare.path, spare.capacity
+            while not self._closed and len(lent) < most:
+                spare = self._spares.take(hint, self._base)
+                if spare is None:
+                    break
+                self._lent[spare.path] = spare
+                _OWNERS[spare.path] = self
+                lent.append((spare.path, spare.capacity))
+        return lent
 
     def return_spare(self, path: str) -> None:
         """A task is done: keep its lent file for later if its result did not use it."""
@@ -351,7 +356,7 @@ class MemmapStore:
         nbytes = ref.dtype.itemsize * _size(ref.shape)
         with self._lock:
             spare = self._lent.pop(ref.path, None)
-            self._result_hint = nbytes
+            _RESULT_HINT[0] = nbytes
         if spare is not None:
             ref_path, reusable = spare.path, (spare.capacity, spare.where)
             with self._lock:

@@ -221,6 +221,18 @@ def test_freed_result_lends_its_pages_to_the_next_large_result(mx):
     assert files_in(mx) == []
 
 
+def test_a_chunk_of_large_results_reuses_as_many_freed_files(mx):
+    """A map chunk with several large results gets a freed file for each."""
+    first = list(mx.map(make_array, [100_000] * 4, [1.0] * 4, chunksize=4))
+    paths = {_file_of(r) for r in first}
+    del first
+    gc.collect()
+    second = list(mx.map(make_array, [100_000] * 4, [2.0, 3.0, 4.0, 5.0], chunksize=4))
+    assert {_file_of(r) for r in second} == paths
+    assert [float(r[0]) for r in second] == [2.0, 3.0, 4.0, 5.0] and all(r.shape == (100_000,) for r in second)
+    assert all(np.all(r == r[0]) for r in second)
+
+
 def test_small_results_are_pickled(mx):
     """Results below max_nbytes come back through the pipe."""
     r = mx.submit(make_array, 10).result()
