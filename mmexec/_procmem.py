@@ -2,8 +2,9 @@
 
 PSS alone misses a tmpfs file that no process has mapped right now, and
 splits mapped ones between processes. So: every mapping of a file in one of
-the tree's mmexec folders is left out of PSS, and those files are counted
-once at their full size instead. Used by the demo and the benchmarks; Linux
+the tree's mmexec folders (named there, or unlinked from there and held by a
+descriptor, as mmexec's dumps are) is left out of PSS, and those files are
+counted once at their full size instead. Used by the demo and the benchmarks; Linux
 only, no dependencies.
 """
 
@@ -56,7 +57,7 @@ def _pss_outside(pid: int, folders: tuple[str, ...]) -> int:
                 if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
                     parts = line.split(None, 5)
                     path = parts[5].strip() if len(parts) > 5 else ""
-                    skip = bool(folders) and path.startswith(folders) and not path.endswith("(deleted)")
+                    skip = bool(folders) and path.startswith(folders)
                 elif line.startswith("Pss:") and not skip:
                     total += int(line.split()[1]) * 1024
     except OSError:
@@ -72,26 +73,44 @@ def _folders_of(pids: list[int]) -> tuple[str, ...]:
     return tuple(f + os.sep for f in found)
 
 
-def _files_size(folders: tuple[str, ...]) -> int:
-    total = 0
+def _files_size(folders: tuple[str, ...], pids: list[int]) -> int:
+    """Bytes of the files in ``folders``, and of those unlinked from there but held open by ``pids``, once each."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def count(path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+
     for folder in folders:
         try:
             with os.scandir(folder) as it:
                 for entry in it:
-                    try:
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
-                    except OSError:
-                        pass
+                    count(entry.path)
         except OSError:
             pass
-    return total
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(folders):
+                count(f"/proc/{pid}/fd/{fd}")
+    return sum(seen.values())
 
 
 def tree_memory(pids: list[int] | None = None) -> int:
     """Bytes used by ``pids`` (default: this process and its descendants), shared files once."""
     pids = descendants(os.getpid()) if pids is None else pids
     folders = _folders_of(pids)
-    return sum(_pss_outside(p, folders) for p in pids) + _files_size(folders)
+    return sum(_pss_outside(p, folders) for p in pids) + _files_size(folders, pids)
 
 
 class PeakMemory:

@@ -178,3 +178,16 @@ def test_unused_spare_dumps_are_freed_after_a_moment(mx):
     gc.collect()
     assert mx._store._fds == {}
     assert _wait_for(lambda: not mx._store._spares._items), "spare dump still kept"
+
+
+def test_memory_measure_counts_an_unlinked_dump_once():
+    """tree_memory (demo, bench) counts a dump held only by a descriptor, and only once."""
+    from mmexec._procmem import tree_memory
+
+    with MemmapExecutor(2) as ex:
+        ex.submit(describe, np.ones(10)).result(timeout=60)  # warm: the worker's own allocations happen now
+        b = np.full(8 * 2**20, 2.0)  # 64 MiB
+        before = tree_memory()
+        assert ex.submit(describe, b).result(timeout=60)["sum"] == 2.0 * b.size  # dumped, unlinked, held
+        grown = tree_memory() - before
+    assert 0.9 * b.nbytes <= grown <= 1.3 * b.nbytes, grown / b.nbytes
