@@ -50,7 +50,7 @@ import numpy as np
 from ._errors import LocalMemmapError
 from ._memmap import _contiguous_blocks, backing_memmap
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
-from ._reducer import _ExceptionWithTraceback, encode_task
+from ._reducer import encode_task, run_calls
 from ._store import Holds, Session, owner_of
 
 if TYPE_CHECKING:
@@ -253,25 +253,7 @@ def _run(payload: bytes, *arrays: np.ndarray) -> Any:
         task = pickle.loads(payload)
     finally:
         _local.arrays = ()
-    if task[0] == "call":
-        return _call(*task[1])
-    if task[0] == "map":
-        values: list[Any] = []
-        errors: dict[int, _ExceptionWithTraceback] = {}
-        for i, args in enumerate(task[2]):
-            try:
-                values.append(_call(task[1], args, {}))
-            except Exception as exc:
-                values.append(None)
-                errors[i] = _ExceptionWithTraceback.of(exc)
-        return values, errors
-    outcomes: list[tuple[bool, Any]] = []
-    for call in task[1]:
-        try:
-            outcomes.append((True, _call(*call)))
-        except Exception as exc:
-            outcomes.append((False, _ExceptionWithTraceback.of(exc)))
-    return outcomes
+    return run_calls(task, _call)
 
 
 # ------------------------------------------------------------------- executor

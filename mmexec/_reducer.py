@@ -32,7 +32,16 @@ from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, ope
 from ._store import ArrayStore, Holds, folder_owner, owner_of
 from ._tempfolder import create_private_file
 
-__all__ = ["WorkerContext", "decode_result", "encode_task", "in_worker", "run_initializer", "run_task", "start_worker"]
+__all__ = [
+    "WorkerContext",
+    "decode_result",
+    "encode_task",
+    "in_worker",
+    "run_calls",
+    "run_initializer",
+    "run_task",
+    "start_worker",
+]
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -392,29 +401,33 @@ def _run_payload(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
             "can be unpickled in another process (pickle.loads(pickle.dumps(args)))."
         ) from exc
     del payload
+    value = run_calls(task)
+    del task  # the arguments (and their maps) go before the result is encoded
+    return _encode_result(value, ctx)
+
+
+def run_calls(task: tuple[Any, ...], call: Callable[..., Any] = _call) -> Any:
+    """Run a decoded payload (kinds as in :func:`_run_payload`) with ``call(fn, args, kwargs)``."""
     kind = task[0]
     if kind == "call":
-        return _encode_result(_call(*task[1]), ctx)
+        return call(*task[1])
     if kind == "map":
-        fn, arglists = task[1], task[2]
         values: list[Any] = []
         errors: dict[int, _ExceptionWithTraceback] = {}
-        for i, args in enumerate(arglists):
+        for i, args in enumerate(task[2]):
             try:
-                values.append(_call(fn, args, {}))
+                values.append(call(task[1], args, {}))
             except Exception as exc:
                 values.append(None)
                 errors[i] = _ExceptionWithTraceback.of(exc)
-        del task, fn, arglists
-        return _encode_result((values, errors), ctx)
+        return values, errors
     outcomes: list[tuple[bool, Any]] = []
-    for call in task[1]:
+    for item in task[1]:
         try:
-            outcomes.append((True, _call(*call)))
+            outcomes.append((True, call(*item)))
         except Exception as exc:
             outcomes.append((False, _ExceptionWithTraceback.of(exc)))
-    del task
-    return _encode_result(outcomes, ctx)
+    return outcomes
 
 
 class _ExceptionWithTraceback:
