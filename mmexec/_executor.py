@@ -93,12 +93,13 @@ class _Pools:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users: dict[int, int] = {}  # id(shared pool) -> live executors on it
-        self._local = threading.local()  # .pool, .size: this thread's shared pool
+        self._local = threading.local()  # .pool (a weak reference), .size: this thread's shared pool
 
     def acquire(self, max_workers: int) -> tuple[Any, bool]:
         """A pool for a new executor, and whether it is the executor's own (True) or shared."""
         with self._lock:
-            pool = getattr(self._local, "pool", None)
+            ref = getattr(self._local, "pool", None)
+            pool = None if ref is None else ref()
             if pool is not None and self._local.size != max_workers and self._users.get(id(pool), 0):
                 return loky.ProcessPoolExecutor(max_workers, initializer=start_worker, initargs=(os.getpid(),)), True
             pool = self._shared(max_workers)
@@ -129,7 +130,7 @@ class _Pools:
         pool = loky.get_reusable_executor(
             max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT, initializer=start_worker, initargs=(os.getpid(),)
         )
-        self._local.pool, self._local.size = pool, max_workers
+        self._local.pool, self._local.size = weakref.ref(pool), max_workers
         return pool
 
 
@@ -160,6 +161,10 @@ class _Lease:
             self._released = True
         if self.own:
             self.pool.shutdown(wait=wait)
+            if wait:
+                # Drop it now: its semaphores are unlinked when it is freed, which must not
+                # wait for a garbage collection (multiprocessing's tracker would report them).
+                self.pool = None
         else:
             _POOLS.release(self.pool)
 
@@ -253,8 +258,12 @@ class MemmapExecutor(Executor):
             self._lease = _Lease(pool, True, max_workers)
         else:
             self._lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
-        self._pool = self._lease.pool
         self._finalizer = weakref.finalize(self, _close, self._store, self._lease)
+
+    @property
+    def _pool(self) -> Any:
+        """The loky pool this executor submits to (None once its own pool was shut down)."""
+        return self._lease.pool
 
     # ------------------------------------------------------------------ API
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
@@ -356,7 +365,10 @@ class MemmapExecutor(Executor):
             holds.spares = (self._store, [path for path, _ in spares])
         try:
             try:
-                fut: Future[Any] = self._pool.submit(run_task, payload, ctx, spares or None)
+                pool = self._lease.pool
+                if pool is None:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                fut: Future[Any] = pool.submit(run_task, payload, ctx, spares or None)
             except BrokenProcessPool as exc:
                 self._mark_broken(exc)
                 raise
@@ -366,8 +378,7 @@ class MemmapExecutor(Executor):
                 if self._lease.own:
                     raise
                 # Another user of loky's reusable pool restarted it: take the new one.
-                self._pool = self._lease.renew()
-                fut = self._pool.submit(run_task, payload, ctx, spares or None)
+                fut = self._lease.renew().submit(run_task, payload, ctx, spares or None)
         except BaseException:
             holds.release()
             raise

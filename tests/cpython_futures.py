@@ -29,6 +29,13 @@ MemmapExecutor does: loky starts its workers) would run the same test three
 times. Tests listed in :data:`KNOWN_BUGS` for the class under test run as
 expected failures, so fixing the bug turns the run red until the entry goes.
 
+loky's reusable pool (MemmapExecutor's shared workers) outlives executors by
+design; the suite assumes every pool dies with its executor in two places, so
+the runner shuts that pool down there, as an exiting application would: at
+each module's end (the teardown waits for multiprocessing's resource tracker,
+whose pipe the workers hold), and before :data:`WHOLE_PROCESS_TRACKER_TESTS`
+(which stop that tracker and expect it to hold only their own objects).
+
 Exit status: 0 when the suite passed, 1 when it failed, 2 for usage errors,
 and :data:`SKIP_EXIT` (with a ``SKIP: reason`` line) when no interpreter with
 the tests and the executor's module could be found or prepared. The last
@@ -44,6 +51,7 @@ import faulthandler
 import fcntl
 import fnmatch
 import functools
+import gc
 import glob
 import importlib
 import importlib.util
@@ -198,6 +206,8 @@ def _release_reusable_workers() -> None:
     pool = getattr(storage, "executor", None)
     if pool is not None:
         pool.shutdown(wait=True, kill_workers=True)
+        storage.executor = None  # freed now, its semaphores with it (mmexec keeps only a weak reference)
+        gc.collect()
 
 
 def release_workers_at_module_end(modules: list) -> None:
@@ -213,6 +223,27 @@ def release_workers_at_module_end(modules: list) -> None:
             unittest.addModuleCleanup(_release_reusable_workers)
 
         mod.setUpModule = setup
+
+
+#: Tests that stop multiprocessing's resource tracker and expect it to hold only their own
+#: objects: loky's reusable pool (alive by design between executors) is shut down first.
+WHOLE_PROCESS_TRACKER_TESTS = ("FailingInitializerResourcesTest",)
+
+
+def release_workers_before(modules: list) -> None:
+    for mod in modules:
+        for name in WHOLE_PROCESS_TRACKER_TESTS:
+            cls = vars(mod).get(name)
+            if cls is None:
+                continue
+            original = cls.setUp
+
+            @functools.wraps(original)
+            def setup(self, __original=original):
+                _release_reusable_workers()
+                __original(self)
+
+            cls.setUp = setup
 
 
 def iter_tests(suite):
@@ -282,6 +313,7 @@ def run_here(args: argparse.Namespace) -> int:
         mixin.executor_type = cls
     patch_child_scripts(modules, cls, args.spec)
     release_workers_at_module_end(modules)
+    release_workers_before(modules)
     patterns = {} if args.no_exclude else EXCLUDED
     known = {} if args.no_exclude else KNOWN_BUGS.get(args.spec, {})
     suite, excluded, expected = select_tests(modules, mixins, args.contexts, patterns, known, args.keyword)
