@@ -101,18 +101,14 @@ class _Pools:
             ref = getattr(self._local, "pool", None)
             pool = None if ref is None else ref()
             if pool is not None and self._local.size != max_workers and self._users.get(id(pool), 0):
-                return loky.ProcessPoolExecutor(max_workers, initializer=start_worker, initargs=(os.getpid(),)), True
-            pool = self._shared(max_workers)
-            self._users[id(pool)] = self._users.get(id(pool), 0) + 1
-            return pool, False
+                return _own_pool(max_workers), True
+            return self._shared(max_workers), False
 
     def replace(self, old: Any, max_workers: int) -> Any:
         """The thread's new shared pool, after another user of loky's pool restarted it."""
         with self._lock:
             self._forget(old)
-            pool = self._shared(max_workers)
-            self._users[id(pool)] = self._users.get(id(pool), 0) + 1
-            return pool
+            return self._shared(max_workers)
 
     def release(self, pool: Any) -> None:
         with self._lock:
@@ -126,12 +122,21 @@ class _Pools:
             self._users.pop(id(pool), None)
 
     def _shared(self, max_workers: int) -> Any:
+        """The thread's shared pool, counted as used by one more executor (called under the lock)."""
         # Always the same options, so loky never restarts the pool for a new executor.
         pool = loky.get_reusable_executor(
             max_workers=max_workers, timeout=POOL_IDLE_TIMEOUT, initializer=start_worker, initargs=(os.getpid(),)
         )
         self._local.pool, self._local.size = weakref.ref(pool), max_workers
+        self._users[id(pool)] = self._users.get(id(pool), 0) + 1
         return pool
+
+
+def _own_pool(max_workers: int, context: Any = None, init: tuple[Any, ...] | None = None) -> Any:
+    """A loky pool for one executor alone; ``init`` is ``(token, initializer, initargs)``."""
+    return loky.ProcessPoolExecutor(
+        max_workers, context=context, initializer=start_worker, initargs=(os.getpid(), init)
+    )
 
 
 _POOLS = _Pools()
@@ -249,12 +254,7 @@ class MemmapExecutor(Executor):
         # An initializer whose arguments can only be inherited at process start (a
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
         if dedicated is not None:
-            pool = loky.ProcessPoolExecutor(
-                max_workers,
-                context=mp_context,
-                initializer=start_worker,
-                initargs=(os.getpid(), (self._token, *dedicated)),
-            )
+            pool = _own_pool(max_workers, mp_context, (self._token, *dedicated))
             self._lease = _Lease(pool, True, max_workers)
         else:
             self._lease = _Lease(*_POOLS.acquire(max_workers), max_workers)

@@ -206,13 +206,18 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
             fd, path = create_private_file(self._ctx.folder)
         except OSError:
             return None
-        try:
-            write_array(fd, path, a)
-        except OSError:
-            return None  # no room: send it through the pipe instead
-        finally:
-            os.close(fd)
-        return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
+        return _write_result(fd, path, a)  # None if there is no room: then it goes through the pipe
+
+
+def _write_result(fd: int, path: str, a: np.ndarray) -> ArrayRef | None:
+    """Write a result into ``fd`` (then closed); its reference, or None if the write failed."""
+    try:
+        write_array(fd, path, a)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
 
 
 #: Freed files of the caller's that the running task may fill with large results, (path, capacity).
@@ -230,13 +235,7 @@ def _write_into_spare(a: np.ndarray) -> ArrayRef | None:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
-    try:
-        write_array(fd, path, a)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
+    return _write_result(fd, path, a)
 
 
 def _encode_result(value: Any, ctx: WorkerContext) -> _EncodedResult:
@@ -285,19 +284,20 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)  # the caller died: nobody wants our results, free our maps now
 
 
-def _ensure_watchdog(parent: int | None = None) -> None:
+def _ensure_watchdog(parent: int) -> None:
     """Make this worker exit soon after its parent dies, even in the middle of a task.
 
     Then loky's resource tracker sees every process gone and removes the
     caller's folder within seconds instead of after the idle timeout.
-    ``parent`` is the pid of the process that started the pool, passed by it:
-    ``os.getppid()`` here would already name init if the caller died while
-    this worker was starting.
+    ``parent`` is the pid of the process that started the pool, passed by it
+    (:func:`start_worker`, every mmexec pool's initializer): ``os.getppid()``
+    here would already name init if the caller died while this worker was
+    starting.
     """
     global _watchdog
     if _watchdog is None:
         _watchdog = threading.Thread(
-            target=_exit_when_orphaned, args=(parent or os.getppid(),), name="mmexec-watchdog", daemon=True
+            target=_exit_when_orphaned, args=(parent,), name="mmexec-watchdog", daemon=True
         )
         _watchdog.start()
 
@@ -387,7 +387,6 @@ def _run_payload(payload: bytes, ctx: WorkerContext) -> _EncodedResult:
     """
     global _in_worker
     _in_worker = True
-    _ensure_watchdog()
     _limit_threads(ctx.threads)
     _ensure_initialized(ctx)
     try:

@@ -305,11 +305,15 @@ class MemmapStore:
             copy_array(a, spare.flat)
         else:
             write_array(spare.fd, spare.path, a)
+        self._adopt(spare)
+        return spare.path
+
+    def _adopt(self, spare: Spare) -> None:
+        """Count a spare's file as a dump or result again, with one user."""
         with self._lock:
             self._fds[spare.path] = spare.fd
             self._counts[spare.path] = 1
             _OWNERS[spare.path] = self
-        return spare.path
 
     def _forget(self, key: int, path: str) -> None:
         with self._lock:
@@ -358,10 +362,8 @@ class MemmapStore:
             spare = self._lent.pop(ref.path, None)
             _RESULT_HINT[0] = nbytes
         if spare is not None:
+            self._adopt(spare)
             ref_path, reusable = spare.path, (spare.capacity, spare.where)
-            with self._lock:
-                self._fds[ref_path] = spare.fd
-                self._counts[ref_path] = 1
         else:
             fd = os.open(ref.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             ref_path = self._keep(fd, ref.path, users=1)
@@ -369,7 +371,6 @@ class MemmapStore:
         with self._lock:
             self._mapped[ref_path] = 1
             self._capacity[ref_path] = reusable  # once freed, its pages serve the next dump or result
-            _OWNERS[ref_path] = self
         whole = open_whole(ref_path, "r+")
         weakref.finalize(whole, self.release, ref_path, True)
         return open_ref(ref, whole).view(np.ndarray)
