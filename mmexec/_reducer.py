@@ -314,6 +314,11 @@ def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any,
     _ensure_watchdog(parent)
     if init is not None:
         run_initializer(*init)
+        error = _initialized[init[0]]
+        if error is not None:
+            # A pool of the executor's own: the worker exits, as in the stdlib, so what the
+            # initializer sent (log records on a Queue) is flushed before the pool is broken.
+            raise error
 
 
 def run_initializer(token: str, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
