@@ -36,22 +36,23 @@ import hashlib
 import os
 import pickle
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
+from ._base import QueueExecutor, WorkItem
 from ._errors import LocalMemmapError
 from ._memmap import _contiguous_blocks, backing_memmap
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
-from ._reducer import encode_task, run_calls
+from ._pickler import encode_task
+from ._records import Outcomes, Task
 from ._store import Holds, Session, owner_of
+from ._worker import run_calls
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -240,24 +241,64 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
         raise
 
 
-def _run(payload: bytes, *arrays: np.ndarray) -> Any:
-    """Worker entry point; the payloads are those of :func:`mmexec._reducer.run_task`.
-
-    ``("call", (fn, args, kwargs))`` returns the value (an exception travels as
-    dask sends it); ``("map", fn, [args, ...])`` returns ``(values, {index:
-    exception})``; ``("chunk", [(fn, args, kwargs), ...])`` returns
-    ``[(True, value) | (False, exception), ...]``.
-    """
+def _run(payload: bytes, *arrays: np.ndarray) -> Outcomes:
+    """Worker entry point: unpickle a task record (``_records``) and run its calls."""
     _local.arrays = arrays
     try:
-        task = pickle.loads(payload)
+        task: Task = pickle.loads(payload)
     finally:
         _local.arrays = ()
     return run_calls(task, _call)
 
 
 # ------------------------------------------------------------------- executor
-class DaskExecutor(Executor):
+class _DaskBackend:
+    """Runs tasks on a dask cluster; arrays go through a :class:`DaskScatterStore` (see ``_base.Backend``)."""
+
+    def __init__(self, client: Any, store: DaskScatterStore, threads: int) -> None:
+        self.store = store
+        self.window = 2 * threads + 1
+        self._executor: Executor = client.get_executor(pure=False)
+
+    def start(self) -> None:
+        pass
+
+    def encode(self, item: WorkItem) -> None:
+        holds = ScatterHolds(item.session or Session())
+        item.payload = encode_task(item.task, self.store, holds, _scattered)
+        item.holds = holds
+
+    def send(self, item: WorkItem) -> Future[Any]:
+        return self._executor.submit(_run, item.payload, *item.holds.futures)
+
+    def decode(self, item: WorkItem) -> Outcomes:
+        inner = item.inner
+        assert inner is not None
+        exc = inner.exception()
+        if exc is not None:
+            _drop_relay_frame(exc)
+            raise exc
+        outcomes: Outcomes = inner.result()
+        return outcomes
+
+    def finished(self, item: WorkItem) -> None:
+        item.holds = None  # the scattered inputs: dask frees each once no task needs it
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        return False
+
+    def interrupt(self, item: WorkItem) -> None:
+        if item.inner is not None:
+            item.inner.cancel()  # dask cancels a running task too
+
+    def kill(self, item: WorkItem) -> None:
+        self.interrupt(item)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class DaskExecutor(QueueExecutor):
     """A ``concurrent.futures.Executor`` on a dask.distributed cluster; large arrays are scattered once.
 
     Parameters
@@ -273,11 +314,10 @@ class DaskExecutor(Executor):
 
     Notes
     -----
-    ``np.memmap`` arguments and views of them raise
+    ``np.memmap`` arguments and views of them fail their future with
     :class:`~mmexec.LocalMemmapError`: other machines cannot open the file.
-    Futures are dask's, wrapped by ``client.get_executor(pure=False)``:
-    ``cancel()`` also succeeds on a task already running (dask cancels it).
     Tasks run in the workers' threads; ``mmexec`` must be importable there.
+    :meth:`abort` cancels the dask tasks.
 
     .. versionadded:: 0.1.0
     """
@@ -288,98 +328,12 @@ class DaskExecutor(Executor):
         if client.asynchronous:
             raise ValueError("DaskExecutor needs a synchronous Client (asynchronous=False)")
         self._client: Any = cast(Any, client)  # distributed is not fully typed
-        self._executor: Executor = self._client.get_executor(pure=False)
         self._store = DaskScatterStore(client, parse_max_nbytes(max_nbytes))
-        self._max_workers = cluster_threads(client)  # Parallel's n_jobs=None
-        self._cond = threading.Condition()
-        self._pending: set[Future[Any]] = set()
-        self._inflight = 0
-        self._shutdown = False
-        self._finalizer = weakref.finalize(self, self._store.close)
+        threads = cluster_threads(client)  # Parallel's n_jobs=None
+        self._start(_DaskBackend(self._client, self._store, threads), threads, "This DaskExecutor is broken")
 
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster; large arrays are scattered once."""
-        return self._submit(("call", (fn, args, kwargs)), Session())
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``: every call is submitted now, results come in order.
-
-        ``chunksize`` calls run as one dask task; each array's content is
-        checked once for the whole call.
-        """
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        end = None if timeout is None else timeout + time.monotonic()
-        arglists = list(zip(*iterables, strict=False))
-        session = Session()
-        futures: list[Future[Any]] = []
-        try:
-            if chunksize == 1:
-                futures += [self._submit(("call", (fn, args, {})), session) for args in arglists]
-            else:
-                for i in range(0, len(arglists), chunksize):
-                    futures.append(self._submit(("map", fn, arglists[i : i + chunksize]), session))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-        return _iter_results(futures, end, chunked=chunksize != 1)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; wait for (or cancel) this executor's tasks; drop its scattered arrays.
-
-        The client and the cluster stay up.
-        """
-        with self._cond:
-            self._shutdown = True
-            if wait:
-                self._cond.wait_for(lambda: self._inflight == 0)
-            pending = list(self._pending)
-        if cancel_futures:
-            for fut in pending:
-                fut.cancel()
-        if wait:
-            wait_futures(pending)
-        self._store.close()
-
-    # ------------------------------------------------------------- internal
-    def _submit(self, task: tuple[Any, ...], session: Session) -> Future[Any]:
-        """Encode ``task`` (a :func:`_run` payload) with one content check per array per ``session``."""
-        with self._cond:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._inflight += 1
-        holds = ScatterHolds(session)
-        try:
-            try:
-                payload = encode_task(task, self._store, holds, _scattered)
-            except LocalMemmapError:
-                raise
-            except Exception as exc:  # pickling errors belong on the future, as in the stdlib
-                failed: Future[Any] = Future()
-                failed.set_exception(exc)
-                return failed
-            fut: Future[Any] = self._executor.submit(_run, payload, *holds.futures)
-            with self._cond:
-                self._pending.add(fut)
-            fut.add_done_callback(self._task_done)
-            return fut
-        finally:
-            with self._cond:
-                self._inflight -= 1
-                self._cond.notify_all()
-
-    def _task_done(self, fut: Future[Any]) -> None:
-        with self._cond:
-            self._pending.discard(fut)
-        if not fut.cancelled():
-            _drop_relay_frame(fut.exception())
+    def _default_chunksize(self, n: int) -> int:
+        return 1
 
 
 def _drop_relay_frame(exc: BaseException | None) -> None:
@@ -400,28 +354,3 @@ def _drop_relay_frame(exc: BaseException | None) -> None:
                 previous.tb_next = tb.tb_next
             return
         previous, tb = tb, tb.tb_next
-
-
-def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
-    """Yield results in order; on timeout, error or early close, cancel what is left."""
-    futures.reverse()
-    try:
-        while futures:
-            fut = futures.pop()
-            try:
-                value = fut.result(None if end is None else end - time.monotonic())
-            finally:
-                fut.cancel()
-                del fut
-            if not chunked:
-                yield value
-                continue
-            values, errors = value
-            del value
-            for i, item in enumerate(values):
-                if i in errors:
-                    raise errors[i]
-                yield item
-    finally:
-        for fut in futures:
-            fut.cancel()

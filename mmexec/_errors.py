@@ -8,6 +8,8 @@ catches, so ``except OSError`` or ``except TypeError`` keeps working::
           +-- TempFolderError      (also OSError)
           +-- MainGuardError       (also RuntimeError)
           +-- LocalMemmapError     (also TypeError)
+          +-- ResultError          (also RuntimeError)
+          +-- AbortedError         (also concurrent.futures.CancelledError)
 
 Worker deaths are reported with loky's ``TerminatedWorkerError``, a subclass
 of :class:`concurrent.futures.process.BrokenProcessPool`.
@@ -15,7 +17,9 @@ of :class:`concurrent.futures.process.BrokenProcessPool`.
 
 from __future__ import annotations
 
-__all__ = ["LocalMemmapError", "MainGuardError", "MmexecError", "TempFolderError"]
+from concurrent.futures import CancelledError
+
+__all__ = ["AbortedError", "LocalMemmapError", "MainGuardError", "MmexecError", "ResultError", "TempFolderError"]
 
 
 class MmexecError(Exception):
@@ -54,4 +58,26 @@ class LocalMemmapError(MmexecError, TypeError):
     (``np.array(x)``) to send the data, or results returned by the tasks.
 
     .. versionadded:: 0.1.0
+    """
+
+
+class AbortedError(MmexecError, CancelledError):
+    """The result of a task that ``abort()`` stopped while it ran.
+
+    A subclass of :class:`concurrent.futures.CancelledError`, so code that
+    handles cancelled futures handles aborted ones too (but ``cancelled()``
+    is False: the task had started).
+
+    .. versionadded:: 0.2.0
+    """
+
+
+class ResultError(MmexecError, RuntimeError):
+    """A task finished, but its result could not be rebuilt in the caller.
+
+    The message names the cause (a missing file, too many open files, an
+    object that cannot be unpickled) and what to do. Only that task's future
+    fails: the workers and the other tasks are unaffected.
+
+    .. versionadded:: 0.2.0
     """

@@ -3,61 +3,58 @@
 Data flow, in the order the data travels (each stage imports only the ones
 before it)::
 
-    caller --submit(fn, *args)--> reducer --------> store ------> pool -------> worker
-             map(fn, *its)        encode_task       MemmapStore    loky          run_task
-                                  cloudpickle,      dumps each     reusable      maps refs as
-                                  reducer_override  large array    executor,     np.memmap, runs
-                                  swaps arrays      once into a    shared by     fn, dumps large
-                                  for ArrayRefs     private 0700   every         results into the
-                                                    folder         executor      same folder
-    caller <--Future.result()-- decode_result (runs in loky's result thread: maps result files)
+    caller --submit--> _base: queue --> manager thread --> _pickler ----> _store ------> loky pool --> _worker
+                       a WorkItem,      (one per           encode_task:   MemmapStore:   reusable,    run_task: maps
+                       its Future       executor) sends    cloudpickle,   dumps each     shared by    refs as memmaps,
+                       returned at      at most `window`   arrays ->      large array    every        runs the calls,
+                       once             tasks at a time    ArrayRefs      once, 0600     executor     writes big results
+    caller <--Future-- manager thread: decode_result (maps result files into the store) <--- bytes <--/
 
 Who owns what:
 
 * The caller owns its arrays. The store counts the users of each dump: the
-  caller's array while it lives, each pending task, each result mapped from it.
-* The executor owns its store and its futures (loky's, which are
-  ``concurrent.futures.Future`` s). When a future is done, its task's holds are
-  released; a dump nobody holds is deleted at once.
-* ``shutdown()`` waits for or cancels this executor's futures, then deletes the
-  store's folder. The loky pool is shared and stays warm for the next executor.
+  caller's array while it lives, each sent task, each result mapped from it.
+* The manager thread owns the store and the pool lease (see ``_base``):
+  when a task is done its holds are released; a dump nobody holds is
+  closed at once (or kept a moment for reuse, ``_spares``).
+* ``shutdown()`` waits for this executor's tasks, then deletes the store's
+  folder. The loky pool is shared and stays warm for the next executor.
 * If the parent dies, loky's resource tracker deletes the folder.
 """
 
 from __future__ import annotations
 
-import math
+import mmap
 import os
 import secrets
+import signal
 import sys
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
-from concurrent.futures import wait as wait_futures
-from functools import partial
+from collections.abc import Callable
+from concurrent.futures import Future
 from types import FrameType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import cloudpickle
 import loky
+import numpy as np
 from loky import BrokenProcessPool
 
+from ._base import QueueExecutor, WorkItem, finish_work_at_exit, interpreter_exiting
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
-from ._reducer import WorkerContext, encode_task, run_task, start_worker
+from ._pickler import decode_result, encode_task
+from ._records import Outcomes
 from ._store import Holds, MemmapStore, Session
+from ._worker import ABORT_SIGNAL, WorkerContext, run_task, start_worker
 
 __all__ = ["MemmapExecutor"]
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 #: Idle workers of the shared pool exit after this many seconds (as joblib).
 POOL_IDLE_TIMEOUT = 300
-#: map() with chunksize=None cuts the calls into about this many chunks per worker.
-_CHUNKS_PER_WORKER = 8
+#: Pools in which an abort killed a worker: the BrokenProcessPool that follows breaks no executor.
+_KILLED_POOLS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _check_main_guard() -> None:
@@ -145,18 +142,23 @@ _POOLS = _Pools()
 class _Lease:
     """An executor's hold on its pool; given back once, by shutdown() or when the executor is dropped."""
 
-    def __init__(self, pool: Any, own: bool, max_workers: int) -> None:
+    def __init__(self, pool: Any, own: bool, max_workers: int, rebuild: Callable[[], Any] | None = None) -> None:
         self.pool = pool
         self.own = own
         self._max_workers = max_workers
+        self._rebuild = rebuild  # an own pool's factory, for a fresh one after an abort killed a worker
         self._lock = threading.Lock()
         self._released = False
 
     def renew(self) -> Any:
-        """After another user of loky's reusable pool restarted it: the new one."""
+        """After another user of loky's reusable pool restarted it, or an abort broke it: the new one."""
         with self._lock:
-            if not self.own and not self._released:
-                self.pool = _POOLS.replace(self.pool, self._max_workers)
+            if not self._released:
+                if not self.own:
+                    self.pool = _POOLS.replace(self.pool, self._max_workers)
+                elif self._rebuild is not None and self.pool in _KILLED_POOLS:
+                    self.pool.shutdown(wait=False)
+                    self.pool = self._rebuild()
             return self.pool
 
     def release(self, wait: bool = False) -> None:
@@ -174,7 +176,191 @@ class _Lease:
             _POOLS.release(self.pool)
 
 
-class MemmapExecutor(Executor):
+
+
+class _AbortTable:
+    """One row per task in flight, shared with the workers: ``[pid running it, abort flag]``.
+
+    A memfd (no file anywhere), which workers map as ``/proc/<caller>/fd/<n>``.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.fd = os.memfd_create("mmexec-abort", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, slots * 16)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self._map = mmap.mmap(self.fd, slots * 16)
+        self.rows: Any = np.frombuffer(self._map, dtype=np.int64).reshape(slots, 2)
+        self._free = list(range(slots - 1, -1, -1))
+
+    def take(self) -> int:
+        slot = self._free.pop()
+        self.rows[slot] = 0
+        return slot
+
+    def give(self, slot: int) -> None:
+        self.rows[slot] = 0
+        self._free.append(slot)
+
+    def close(self) -> None:
+        self.rows = None
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere: the map goes with it
+            pass
+        os.close(self.fd)
+
+
+class _PoolKilledByAbort(BrokenProcessPool):  # type: ignore[misc]
+    """A task's worker was killed by an abort (this executor's or another's on the same pool)."""
+
+
+class _MemmapBackend:
+    """Runs tasks on a loky pool; arrays go through a :class:`MemmapStore` (see ``_base.Backend``)."""
+
+    def __init__(self, store: MemmapStore, lease: _Lease, token: str, init_blob: bytes | None, workers: int) -> None:
+        self.store = store
+        self.lease = lease
+        self.window = 2 * workers + 1
+        self._token = token
+        self._init_blob = init_blob
+        self._workers = workers
+        self._ctx: WorkerContext | None = None
+        self._table: _AbortTable | None = None
+        self._pools: dict[int, Any] = {}  # slot -> the pool its task was sent to
+        self._signalled: set[int] = set()
+        self._closed = False
+
+    def _context(self) -> WorkerContext:
+        ctx = self._ctx
+        if ctx is None:
+            limit = self.store.max_nbytes
+            folder = None if limit is None else self.store.folder
+            threads = max(1, loky.cpu_count() // self._workers)
+            self._table = _AbortTable(self.window)
+            ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob, threads, self._table.path)
+        return ctx
+
+    def start(self) -> None:
+        """Start the pool's workers and loky's thread now, in the caller's thread (loky registers its
+        exit hook then, before ours: see ``_base.finish_work_at_exit``)."""
+        pool = self.lease.pool
+        flags = getattr(pool, "_flags", None)
+        ensure_running = getattr(pool, "_ensure_executor_running", None)
+        if flags is not None and ensure_running is not None:
+            with flags.shutdown_lock:  # as loky's submit does
+                if flags.broken is None and not flags.shutdown and not interpreter_exiting():
+                    ensure_running()
+        finish_work_at_exit(pool)
+
+    def encode(self, item: WorkItem) -> None:
+        holds = Holds(item.session or Session())
+        try:
+            item.payload = encode_task(item.task, self.store, holds)
+        except BaseException:
+            holds.release()
+            raise
+        item.holds = holds
+
+    def send(self, item: WorkItem) -> Future[Any]:
+        ctx = self._context()
+        assert self._table is not None
+        spares = self.store.lend_spares(item.task.count)  # freed files for the task's large results
+        if spares:
+            item.holds.spares = (self.store, [path for path, _ in spares])
+        item.slot = self._table.take()
+        pool = self.lease.pool
+        if pool is None:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if pool in _KILLED_POOLS:
+            pool = self.lease.renew()
+        args = (run_task, item.payload, ctx, spares or None, item.slot)
+        try:
+            inner: Future[Any] = pool.submit(*args)
+        except BrokenProcessPool:
+            if pool not in _KILLED_POOLS:
+                raise
+            pool = self.lease.renew()
+            inner = pool.submit(*args)
+        except RuntimeError:
+            if interpreter_exiting() or _interpreter_exiting():
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
+            if self.lease.own:
+                raise
+            pool = self.lease.renew()  # another user of loky's reusable pool restarted it
+            inner = pool.submit(*args)
+        self._pools[item.slot] = pool
+        finish_work_at_exit(pool)
+        return inner
+
+    def decode(self, item: WorkItem) -> Outcomes:
+        inner = item.inner
+        assert inner is not None
+        exc = inner.exception()
+        if exc is not None:
+            if isinstance(exc, BrokenProcessPool) and self._pools.get(item.slot) in _KILLED_POOLS:
+                raise _PoolKilledByAbort(
+                    "the worker running this task was killed by MemmapExecutor.abort() (of this executor or "
+                    "another one sharing the worker pool) after its grace period; the executor moves to a "
+                    "fresh pool and stays usable"
+                ) from exc
+            raise exc
+        outcomes: Outcomes = decode_result(inner.result(), self.store)
+        return outcomes
+
+    def finished(self, item: WorkItem) -> None:
+        if item.holds is not None:
+            item.holds.release()
+        if item.slot >= 0 and self._table is not None:
+            self._table.give(item.slot)
+            self._pools.pop(item.slot, None)
+            self._signalled.discard(item.slot)
+        item.slot = -1
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        return isinstance(exc, BrokenProcessPool) and not isinstance(exc, _PoolKilledByAbort)
+
+    def _running_pid(self, item: WorkItem) -> int:
+        """The pid of the worker running ``item`` (0 if none does yet), checked to be one of its pool's."""
+        if self._table is None or item.slot < 0:
+            return 0
+        pid = int(self._table.rows[item.slot, 0])
+        processes = getattr(self._pools.get(item.slot), "_processes", None) or {}
+        return pid if pid in processes else 0
+
+    def interrupt(self, item: WorkItem) -> None:
+        if self._table is None or item.slot < 0:
+            return
+        self._table.rows[item.slot, 1] = 1  # first the flag, then the pid: a worker starting now sees it
+        pid = self._running_pid(item)
+        if pid and item.slot not in self._signalled:
+            self._signalled.add(item.slot)
+            try:
+                os.kill(pid, ABORT_SIGNAL)
+            except ProcessLookupError:
+                pass
+        elif not pid and item.inner is not None:
+            item.inner.cancel()  # still queued in loky: it never starts
+
+    def kill(self, item: WorkItem) -> None:
+        pid = self._running_pid(item)
+        if pid:
+            _KILLED_POOLS.add(self._pools[item.slot])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.store.close()
+        self.lease.release(wait=True)
+        if self._table is not None:
+            self._table.close()
+
+
+class MemmapExecutor(QueueExecutor):
     """A drop-in ``ProcessPoolExecutor`` that passes large arrays as memory maps.
 
     Parameters
@@ -207,9 +393,13 @@ class MemmapExecutor(Executor):
 
     Notes
     -----
-    All executors of one thread share loky's reusable worker processes, so a
-    second executor starts warm. A worker crash breaks that shared pool for
-    every executor using it; new executors get a fresh pool.
+    ``submit`` returns at once: arguments are pickled (and large arrays
+    dumped) on the executor's own thread when the task is sent, as
+    ``ProcessPoolExecutor`` does. All executors of one thread share loky's
+    reusable worker processes, so a second executor starts warm. A worker
+    crash breaks that shared pool for every executor using it; new executors
+    get a fresh pool. :meth:`abort` stops running tasks without losing the
+    warm workers.
 
     .. versionadded:: 0.1.0
     """
@@ -241,185 +431,34 @@ class MemmapExecutor(Executor):
                 "if workers must be replaced after a number of tasks."
             )
         _check_main_guard()
-        self._max_workers = max_workers
         self._store = MemmapStore(parse_max_nbytes(max_nbytes), validate_mmap_mode(mmap_mode), temp_folder)
-        self._token = secrets.token_hex(8)
-        self._init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
-        self._ctx: WorkerContext | None = None
-        self._lock = threading.RLock()
-        self._pending: set[Future[Any]] = set()
-        self._inflight = 0
-        self._shutdown = False
-        self._broken: str | bool = False
+        token = secrets.token_hex(8)
+        init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
         # An initializer whose arguments can only be inherited at process start (a
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
         if dedicated is not None:
-            pool = _own_pool(max_workers, mp_context, (self._token, *dedicated))
-            self._lease = _Lease(pool, True, max_workers)
+            init = (token, *dedicated)
+
+            def rebuild() -> Any:
+                return _own_pool(max_workers, mp_context, init)
+
+            lease = _Lease(rebuild(), True, max_workers, rebuild)
         else:
-            self._lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
-        self._finalizer = weakref.finalize(self, _close, self._store, self._lease)
+            lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
+        backend = _MemmapBackend(self._store, lease, token, init_blob, max_workers)
+        self._backend = backend
+        self._start(backend, max_workers, "This executor is broken; create a new MemmapExecutor: it gets a fresh "
+                    "worker pool.")
 
     @property
     def _pool(self) -> Any:
         """The loky pool this executor submits to (None once its own pool was shut down)."""
-        return self._lease.pool
-
-    # ------------------------------------------------------------------ API
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        """Schedule ``fn(*args, **kwargs)``; large arrays in the arguments go by memory map."""
-        return self._submit(("call", (fn, args, kwargs)), Session())
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``; ``chunksize=None`` picks a chunk size from the input length.
-
-        Every call is submitted before this returns, and each array is dumped
-        at most once for the whole call.
-        """
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        end = None if timeout is None else timeout + time.monotonic()
-        arglists = list(zip(*iterables, strict=False))  # stops at the shortest, as the stdlib
-        size = chunksize if chunksize is not None else self._auto_chunksize(len(arglists))
-        session = Session()
-        if size == 1:
-            futures = [self._submit(("call", (fn, args, {})), session) for args in arglists]
-        else:
-            chunks = [arglists[i : i + size] for i in range(0, len(arglists), size)]
-            futures = [self._submit(("map", fn, chunk), session) for chunk in chunks]
-        del arglists
-        return _iter_results(futures, end, chunked=size != 1)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; wait for (or cancel) this executor's tasks; delete its files.
-
-        The shared worker processes stay alive for the next executor.
-        """
-        with self._lock:
-            self._shutdown = True
-            pending = list(self._pending)
-        if cancel_futures:
-            for fut in pending:
-                fut.cancel()
-        if wait:
-            wait_futures(pending)
-            self._store.close()
-            self._lease.release(wait=True)
-            return
-        if self._lease.own:
-            self._lease.release(wait=False)  # its workers finish the queue, then exit
-        self._close_if_idle()
-
-    # ------------------------------------------------------------- internal
-    def _auto_chunksize(self, n: int) -> int:
-        return max(1, math.ceil(n / (self._max_workers * _CHUNKS_PER_WORKER)))
-
-    def _context(self) -> WorkerContext:
-        ctx = self._ctx
-        if ctx is None:
-            limit = self._store.max_nbytes
-            folder = None if limit is None else self._store.folder
-            threads = max(1, loky.cpu_count() // self._max_workers)
-            ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob, threads)
-        return ctx
-
-    def _check_usable(self) -> None:
-        if self._broken:
-            raise BrokenProcessPool(
-                f"{self._broken} Create a new MemmapExecutor: it gets a fresh worker pool."
-            )
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-
-    def _submit(self, task: tuple[Any, ...], session: Session) -> Future[Any]:
-        with self._lock:
-            self._check_usable()
-            self._inflight += 1
-        holds = Holds(session)
-        try:
-            try:
-                payload = encode_task(task, self._store, holds)
-                ctx = self._context()
-            except Exception as exc:  # pickling errors belong on the future, as in the stdlib
-                holds.release()
-                failed: Future[Any] = Future()
-                failed.set_exception(exc)
-                return failed
-            calls = len(task[2]) if task[0] == "map" else len(task[1]) if task[0] == "chunk" else 1
-            return self._send(payload, ctx, holds, calls)
-        finally:
-            with self._lock:
-                self._inflight -= 1
-            if self._shutdown:
-                self._close_if_idle()
-
-    def _send(self, payload: bytes, ctx: WorkerContext, holds: Holds, calls: int = 1) -> Future[Any]:
-        spares = self._store.lend_spares(calls)  # freed files for the payload's large results, if any
-        if spares:
-            holds.spares = (self._store, [path for path, _ in spares])
-        try:
-            try:
-                pool = self._lease.pool
-                if pool is None:
-                    raise RuntimeError("cannot schedule new futures after shutdown")
-                fut: Future[Any] = pool.submit(run_task, payload, ctx, spares or None)
-            except BrokenProcessPool as exc:
-                self._mark_broken(exc)
-                raise
-            except RuntimeError:
-                if _interpreter_exiting():
-                    raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
-                if self._lease.own:
-                    raise
-                # Another user of loky's reusable pool restarted it: take the new one.
-                fut = self._lease.renew().submit(run_task, payload, ctx, spares or None)
-        except BaseException:
-            holds.release()
-            raise
-        with self._lock:
-            self._pending.add(fut)
-        fut.add_done_callback(partial(self._task_done, holds))
-        return fut
-
-    def _task_done(self, holds: Holds, fut: Future[Any]) -> None:
-        holds.release()
-        if not fut.cancelled():
-            exc = fut.exception()
-            if isinstance(exc, BrokenProcessPool):
-                self._mark_broken(exc)
-        with self._lock:
-            self._pending.discard(fut)
-        if self._shutdown:
-            self._close_if_idle()
-
-    def _mark_broken(self, exc: BaseException) -> None:
-        with self._lock:
-            if not self._broken:
-                self._broken = f"This executor is broken ({type(exc).__name__}: {exc})."
-
-    def _close_if_idle(self) -> None:
-        with self._lock:
-            idle = not self._pending and self._inflight == 0
-        if idle:
-            self._store.close()
-            self._lease.release()  # a shared pool is free to resize once our tasks are done
+        return self._backend.lease.pool
 
 
 def _interpreter_exiting() -> bool:
     """True once loky's exit hook ran (it refuses new tasks from then on)."""
     return bool(getattr(loky.process_executor, "_global_shutdown", False)) or sys.is_finalizing()
-
-
-def _close(store: MemmapStore, lease: _Lease) -> None:
-    """An executor dropped without shutdown(): delete its files, give its pool back."""
-    store.close()
-    lease.release()
 
 
 def _pickle_initializer(
@@ -437,37 +476,3 @@ def _pickle_initializer(
         return None, (initializer, initargs)
 
 
-def _result_or_cancel(fut: Future[Any], timeout: float | None) -> Any:
-    try:
-        try:
-            return fut.result(timeout)
-        finally:
-            fut.cancel()
-    finally:
-        del fut  # break the cycle through a stored exception's traceback
-
-
-def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
-    """Yield results in order; on timeout, error or early close, cancel what is left.
-
-    No local variable keeps a yielded result alive: once the caller drops it,
-    it is freed (as in the stdlib).
-    """
-    futures.reverse()
-    try:
-        while futures:
-            timeout = None if end is None else end - time.monotonic()
-            if not chunked:
-                yield _result_or_cancel(futures.pop(), timeout)
-                continue
-            values, errors = _result_or_cancel(futures.pop(), timeout)
-            if errors:
-                del values[min(errors) :]  # raise at the first failing item
-            values.reverse()
-            while values:
-                yield values.pop()
-            if errors:
-                raise errors[min(errors)]
-    finally:
-        for fut in futures:
-            fut.cancel()

@@ -21,17 +21,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
+from typing import Any, TypeVar
 
 import loky
 
+from ._base import QueueExecutor
 from ._executor import MemmapExecutor
 from ._options import DEFAULT_MAX_NBYTES
-from ._reducer import in_worker
-from ._store import Session
-
-if TYPE_CHECKING:
-    from ._dask import DaskExecutor
+from ._records import Outcomes
+from ._worker import in_worker
 
 __all__ = ["Parallel", "delayed", "parallel_config"]
 
@@ -41,6 +39,8 @@ Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 PROCESS_BACKENDS = ("loky", "processes", "multiprocessing")
 BACKENDS = (*PROCESS_BACKENDS, "threading", "sequential", "dask")
 RETURN_AS = ("list", "generator", "generator_unordered")
+#: After an error or a timeout, a task still running this long after the abort has its worker killed.
+ABORT_GRACE = 0.5
 #: batch_size='auto' aims at batches lasting between these many seconds (as joblib).
 MIN_BATCH_SECONDS, MAX_BATCH_SECONDS = 0.2, 2.0
 _MAX_AUTO_BATCH = 10_000
@@ -147,14 +147,15 @@ def effective_n_jobs(n_jobs: int | None) -> int:
     return n_jobs
 
 
-def _run_batch(calls: list[Call]) -> list[tuple[bool, Any]]:
-    """Run a batch in this process (threads, sequential, foreign executors)."""
-    outcomes: list[tuple[bool, Any]] = []
-    for fn, args, kwargs in calls:
+def _run_batch(calls: list[Call]) -> Outcomes:
+    """Run a batch in this process (threads, foreign executors)."""
+    outcomes = Outcomes([])
+    for i, (fn, args, kwargs) in enumerate(calls):
         try:
-            outcomes.append((True, fn(*args, **kwargs)))
+            outcomes.values.append(fn(*args, **kwargs))
         except Exception as exc:
-            outcomes.append((False, exc))
+            outcomes.values.append(None)
+            outcomes.errors[i] = exc
     return outcomes
 
 
@@ -305,7 +306,8 @@ class _Run:
         self.executor = executor
         self.owned = owned
         self.calls = calls
-        self.session = Session()
+        self.scope = executor.new_scope() if isinstance(executor, QueueExecutor) else None
+        self.completed = False
         self.done_queue: queue.SimpleQueue[tuple[Future[Any], int, int, float]] = queue.SimpleQueue()
         self.in_flight: dict[Future[Any], int] = {}
         self.n_dispatched = 0
@@ -334,6 +336,7 @@ class _Run:
                 yield from self._parallel()
             if self.p.verbose:
                 self.log(f"Done {self.n_done} out of {self.n_done} | elapsed: {self._elapsed()} finished")
+            self.completed = True
         finally:
             self._finish()
 
@@ -358,11 +361,8 @@ class _Run:
     def _submit(self, batch: list[Call]) -> None:
         first, count, sent = self.n_dispatched, len(batch), time.monotonic()
         executor = self.executor
-        fn = batch[0][0]
-        if _takes_sessions(executor) and all(c[0] is fn and not c[2] for c in batch):
-            fut = executor._submit(("map", fn, [c[1] for c in batch]), self.session)
-        elif _takes_sessions(executor):
-            fut = executor._submit(("chunk", batch), self.session)
+        if isinstance(executor, QueueExecutor):
+            fut = executor.submit_batch(batch, scope=self.scope)
         else:
             assert executor is not None
             fut = executor.submit(_run_batch, batch)
@@ -400,17 +400,7 @@ class _Run:
                 yield from chunk
 
     def _values(self, fut: Future[Any]) -> list[Any]:
-        outcomes = fut.result()
-        if isinstance(outcomes, tuple):  # a "map" payload: (values, {index: exception})
-            values, errors = outcomes
-            if errors:
-                raise errors[min(errors)]
-            return cast("list[Any]", values)
-        values = []
-        for ok, value in outcomes:
-            if not ok:
-                raise value
-            values.append(value)
+        values: list[Any] = fut.result().checked()
         return values
 
     def _adapt(self, count: int, seconds: float) -> None:
@@ -437,18 +427,23 @@ class _Run:
         return f"{time.monotonic() - self.start:6.1f}s"
 
     def _finish(self) -> None:
-        for fut in list(self.in_flight):
-            fut.cancel()
+        """After the last result, an error, a timeout, an interrupt or an early close of the generator.
+
+        Unless every result came in, the call's tasks are aborted: those not
+        started are cancelled, the running ones interrupted (and their worker
+        killed after :data:`ABORT_GRACE` seconds), so the error is raised at
+        once and the warm workers stay.
+        """
+        in_flight = list(self.in_flight)
         self.in_flight.clear()
+        if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
+            self.executor.abort(in_flight, grace=ABORT_GRACE)
+        else:
+            for fut in in_flight:
+                fut.cancel()
         self.bar.close()
         if self.owned and self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _takes_sessions(executor: Executor | None) -> TypeGuard[MemmapExecutor | DaskExecutor]:
-    """Executors that take whole batches and check each array once per Parallel call."""
-    dask = sys.modules.get("mmexec._dask")  # imported if a DaskExecutor exists
-    return isinstance(executor, MemmapExecutor) or (dask is not None and isinstance(executor, dask.DaskExecutor))
 
 
 def _should_report(before: int, after: int, verbose: int) -> bool:

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SPARES", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
+__all__ = ["SPARES", "SPARE_COUNT", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
 
 #: Seconds a freed dump is kept for reuse before it is deleted.
 SPARE_TTL = 2.0
-#: Bytes of freed dumps kept at most, per store.
+#: Bytes of freed dumps kept at most, in the whole process.
 SPARE_LIMIT = 2**30
+#: Freed dumps kept at most (each holds a descriptor).
+SPARE_COUNT = 64
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -58,7 +60,11 @@ class SparePool:
     def put(self, fd: int, path: str, capacity: int, where: str) -> bool:
         """Keep a freed dump; False (and the caller closes it) when over the limit."""
         with self._lock:
-            if self._closed or capacity + sum(s.capacity for s in self._items) > self.limit:
+            if (
+                self._closed
+                or len(self._items) >= SPARE_COUNT
+                or capacity + sum(s.capacity for s in self._items) > self.limit
+            ):
                 return False
             self._items.append(Spare(fd, path, capacity, where, time.monotonic()))
             if self._thread is None:
@@ -102,7 +108,11 @@ class SparePool:
                     finally:
                         self._lock.acquire()
                     if todo in self._items:
-                        todo.flat = flat
+                        if flat is None:  # cannot be mapped: useless as a spare, drop it
+                            self._items.remove(todo)
+                            _drop(todo)
+                        else:
+                            todo.flat = flat
                     continue
                 now = time.monotonic()
                 expired = [s for s in self._items if now - s.released >= self.ttl]

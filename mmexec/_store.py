@@ -7,28 +7,35 @@ workers open it as ``/proc/<caller pid>/fd/<n>``. So no dump can outlive its
 users, even if the caller and all workers are killed together: the kernel
 frees the memory when the last descriptor and map are gone.
 
-The store counts who still needs each dump: the caller's array while it is
-alive, every pending task that refers to it, and every result array mapped
-from it. When the count drops to zero the descriptor is closed.
-:meth:`MemmapStore.close` drops everything but the maps still alive in
-caller code (those close with their arrays) and removes the folder.
+The store keeps one :class:`_File` record per file and counts who still
+needs it: the caller's array while it is alive, every pending task that
+refers to it, and every result array mapped from it. When the count drops to
+zero the descriptor is closed (or the file kept a moment for reuse, see
+``_spares``). :meth:`MemmapStore.close` drops everything but the maps still
+alive in caller code (those close with their arrays) and removes the folder.
 
 Results travel the other way: a worker writes a large result as a named file
 in the caller's folder; the caller opens it, unlinks it, and keeps it like a
 dump for as long as the result array lives.
+
+Locks: the store's lock is taken in ordinary thread context only. Weakref
+callbacks and finalizers (an array or a result map freed) never call the
+store: they :func:`~mmexec._janitor.post` the release to the janitor thread.
+The spare pool's lock is only ever taken after (inside) the store's.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
+from . import _janitor
 from ._memmap import (
     ArrayRef,
     backing_memmap,
@@ -51,9 +58,10 @@ from ._tempfolder import (
     unlink_quietly,
 )
 
-__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "folder_owner", "owner_of"]
+__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "fd_budget_left", "owner_of"]
 
-# reference path -> the store that keeps it open; lets any store hold a dump another made.
+# reference path -> the store that keeps it open; lets any store hold a dump another made
+# (a result of one executor passed to another).
 _OWNERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
 _PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
 #: Bytes of the last large result any executor of this process received: tasks are lent
@@ -61,8 +69,42 @@ _PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
 _RESULT_HINT = [0]
 
 
-# private folder -> the store that made it; results written there belong to it.
-_FOLDERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
+class _Descriptors:
+    """Descriptors that mmexec holds open in this process, against a budget.
+
+    Each held file costs about two: the store's descriptor and the one that
+    Python's ``mmap`` keeps for a live map. Beyond the budget (half the soft
+    ``RLIMIT_NOFILE``), new arrays are pickled and new results are copied
+    into memory instead of being held as files, so a program with thousands
+    of live results never runs out of descriptors because of mmexec.
+    """
+
+    PER_FILE = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    def budget(self) -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 2**20
+        return max(16, soft // 2)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.held += n
+
+    def left(self) -> int:
+        return self.budget() - self.held * self.PER_FILE
+
+
+_DESCRIPTORS = _Descriptors()
+
+
+def fd_budget_left() -> int:
+    """How many more descriptors mmexec may hold in this process (negative: over budget)."""
+    return _DESCRIPTORS.left()
 
 
 def owner_of(path: str) -> MemmapStore | None:
@@ -70,14 +112,10 @@ def owner_of(path: str) -> MemmapStore | None:
     return _OWNERS.get(path)
 
 
-def folder_owner(folder: str) -> MemmapStore | None:
-    """The open store whose private folder is ``folder``, if any."""
-    return _FOLDERS.get(folder)
-
-
 @dataclass
 class Session:
-    """One submit time: arrays already checked against their dump in this call."""
+    """Arrays already checked against their dump: by one drained burst of submits, or one call
+    of ``map`` / ``Parallel``."""
 
     checked: set[int] = field(default_factory=set)
 
@@ -101,11 +139,21 @@ class Holds:
 
 
 class ArrayStore(Protocol):
-    """What the reducer needs from a store. ``ref_for`` returns None to pickle normally."""
+    """What the pickler needs from a store. ``ref_for`` returns None to pickle normally."""
 
     def ref_for(self, a: np.ndarray, holds: Holds) -> Any: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _File:
+    """One file the store keeps open: a dump or a result."""
+
+    fd: int  # -1 without procfs: the file is then known by its name, deleted when unused
+    users: int
+    mapped: int = 0  # users that are live maps in caller code (they outlive close())
+    reuse: tuple[int, str] | None = None  # (capacity, temp folder): its pages may serve again
 
 
 @dataclass(eq=False)
@@ -128,13 +176,10 @@ class MemmapStore:
         self._base, self._explicit = resolve_temp_folder(temp_folder)
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
-        self._counts: dict[str, int] = {}  # reference path -> users
-        self._mapped: dict[str, int] = {}  # reference path -> users that are live maps
-        self._fds: dict[str, int] = {}  # reference path -> descriptor keeping it alive
-        self._capacity: dict[str, tuple[int, str]] = {}  # reference path -> (size, temp folder), reusable dumps
-        self._spares = SPARES
-        self._dumps: dict[int, _Dump] = {}
+        self._files: dict[str, _File] = {}  # reference path -> the file's record
+        self._dumps: dict[int, _Dump] = {}  # id(caller's array) -> its dump
         self._lent: dict[str, Spare] = {}  # reference path -> freed file lent to a task for its result
+        self._spares = SPARES
         self._closed = False
 
     # -- folders ---------------------------------------------------------
@@ -150,8 +195,11 @@ class MemmapStore:
             folder = self._folders.get(base)
             if folder is None:
                 folder = self._folders[base] = make_private_folder(base)
-                _FOLDERS[folder] = self
             return folder
+
+    def owns_folder(self, folder: str) -> bool:
+        with self._lock:
+            return folder in self._folders.values()
 
     def _folder_for(self, nbytes: int) -> str:
         folder = self.folder
@@ -163,8 +211,17 @@ class MemmapStore:
                 return other
         raise no_room_error(self._base, nbytes)
 
+    def held_paths(self) -> list[str]:
+        """The reference paths of the files held now (tests and introspection)."""
+        with self._lock:
+            return list(self._files)
+
+    def held_fds(self) -> dict[str, int]:
+        with self._lock:
+            return {path: f.fd for path, f in self._files.items()}
+
     # -- reference counts ------------------------------------------------
-    def _keep(self, fd: int, path: str, users: int) -> str:
+    def _keep(self, fd: int, path: str, users: int, reuse: tuple[int, str] | None, mapped: int = 0) -> str:
         """Start counting a freshly written file; return the path tasks use to open it."""
         if _PROC_FD:
             unlink_quietly(path)
@@ -172,11 +229,14 @@ class MemmapStore:
         else:  # no procfs: keep the name, delete it when unused
             os.close(fd)
             fd, ref_path = -1, path
-        with self._lock:
-            self._fds[ref_path] = fd
-            self._counts[ref_path] = users
-            _OWNERS[ref_path] = self
+        self._register(ref_path, _File(fd, users, mapped, reuse))
         return ref_path
+
+    def _register(self, ref_path: str, record: _File) -> None:
+        with self._lock:
+            self._files[ref_path] = record
+            _OWNERS[ref_path] = self
+        _DESCRIPTORS.add(1)
 
     def hold(self, path: str, mapped: bool = False) -> bool:
         """Count one more user of ``path``; False if it is gone or the store is closed.
@@ -184,37 +244,35 @@ class MemmapStore:
         ``mapped`` users are live maps in caller code; they outlive :meth:`close`.
         """
         with self._lock:
-            count = self._counts.get(path)
-            if count is None or (self._closed and not mapped):
+            record = self._files.get(path)
+            if record is None or (self._closed and not mapped):
                 return False
-            self._counts[path] = count + 1
-            if mapped:
-                self._mapped[path] = self._mapped.get(path, 0) + 1
+            record.users += 1
+            record.mapped += mapped
             return True
 
     def release(self, path: str, mapped: bool = False) -> None:
-        """Count one user fewer; close (or delete) the dump when none is left."""
+        """Count one user fewer; close (or delete) the file when none is left."""
         with self._lock:
-            count = self._counts.get(path)
-            if count is None:
+            record = self._files.get(path)
+            if record is None:
                 return
-            if mapped:
-                self._mapped[path] -= 1
-            if count > 1:
-                self._counts[path] = count - 1
+            record.mapped -= mapped
+            record.users -= 1
+            if record.users > 0:
                 return
-            self._discard(path)
-
-    def _discard(self, path: str) -> None:
-        del self._counts[path]
-        self._mapped.pop(path, None)
-        _OWNERS.pop(path, None)
-        fd = self._fds.pop(path)
-        reusable = self._capacity.pop(path, None)
-        if fd < 0:
+            del self._files[path]
+            _OWNERS.pop(path, None)
+            kept = record.fd >= 0 and record.reuse is not None and self._spares.put(record.fd, path, *record.reuse)
+        _DESCRIPTORS.add(-1)
+        if record.fd < 0:
             unlink_quietly(path)
-        elif reusable is None or not self._spares.put(fd, path, *reusable):
-            os.close(fd)
+        elif not kept:
+            os.close(record.fd)
+
+    def release_later(self, path: str, mapped: bool = False) -> None:
+        """:meth:`release` from a finalizer or a weakref callback: done on the janitor thread."""
+        _janitor.post(self.release, path, mapped)
 
     # -- arrays -> refs --------------------------------------------------
     def ref_for(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
@@ -242,7 +300,7 @@ class MemmapStore:
         mode = "r+" if mm.mode in ("r+", "w+") else "r"
         return ArrayRef(path, a.dtype, a.shape, a.strides, file_offset_of(a, mm), "C", mode)
 
-    def _dump_ref(self, a: np.ndarray, holds: Holds) -> ArrayRef:
+    def _dump_ref(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
         key = id(a)
         with self._lock:
             dump = self._dumps.get(key)
@@ -250,6 +308,8 @@ class MemmapStore:
             if self.hold(dump.path):
                 holds.files.append((self, dump.path))
                 return dump.ref
+        if _DESCRIPTORS.left() < _DESCRIPTORS.PER_FILE:
+            return None  # out of descriptors: pickle this array into the task
         dump = self._new_dump(a)
         holds.session.checked.add(key)
         self.hold(dump.path)
@@ -270,15 +330,12 @@ class MemmapStore:
     def _new_dump(self, a: np.ndarray) -> _Dump:
         spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
         if spare is not None:
-            ref_path, flat, reusable = self._reuse(spare, a), spare.flat, (spare.capacity, spare.where)
+            ref_path, flat = self._reuse(spare, a), spare.flat
         else:
-            ref_path, where = self._write(a)
-            flat, reusable = None, (a.nbytes, where)
-        with self._lock:
-            self._capacity[ref_path] = reusable
+            ref_path, flat = self._write(a), None
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, weakref.ref(a, partial(_forget_when_freed, self, key, ref_path)), ref_path, ref)
+        dump = _Dump(key, weakref.ref(a, _ForgetWhenFreed(self, key, ref_path)), ref_path, ref)
         dump.flat = None if flat is None else flat[: a.nbytes]
         with self._lock:
             old = self._dumps.get(key)
@@ -287,8 +344,8 @@ class MemmapStore:
             self.release(old.path)
         return dump
 
-    def _write(self, a: np.ndarray) -> tuple[str, str]:
-        """Dump ``a`` into a new file; return the path tasks open it by, and its temp folder."""
+    def _write(self, a: np.ndarray) -> str:
+        """Dump ``a`` into a new file; return the path tasks open it by."""
         folder = self._folder_for(a.nbytes)
         fd, path = create_private_file(folder)
         try:
@@ -297,7 +354,7 @@ class MemmapStore:
             os.close(fd)
             unlink_quietly(path)
             raise
-        return self._keep(fd, path, users=1), os.path.dirname(folder)  # held by the caller's array
+        return self._keep(fd, path, users=1, reuse=(a.nbytes, os.path.dirname(folder)))  # held by the array
 
     def _reuse(self, spare: Spare, a: np.ndarray) -> str:
         """Dump ``a`` into a freed dump's pages (already allocated, maybe already mapped)."""
@@ -305,15 +362,8 @@ class MemmapStore:
             copy_array(a, spare.flat)
         else:
             write_array(spare.fd, spare.path, a)
-        self._adopt(spare)
+        self._register(spare.path, _File(spare.fd, 1, 0, (spare.capacity, spare.where)))
         return spare.path
-
-    def _adopt(self, spare: Spare) -> None:
-        """Count a spare's file as a dump or result again, with one user."""
-        with self._lock:
-            self._fds[spare.path] = spare.fd
-            self._counts[spare.path] = 1
-            _OWNERS[spare.path] = self
 
     def _forget(self, key: int, path: str) -> None:
         with self._lock:
@@ -352,27 +402,34 @@ class MemmapStore:
             if spare is None:
                 return
             _OWNERS.pop(path, None)
-        if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
+            kept = self._spares.put(spare.fd, spare.path, spare.capacity, spare.where)
+        if not kept:
             os.close(spare.fd)
 
     def open_result(self, ref: ArrayRef) -> np.ndarray:
-        """Map a result a worker wrote into our folder (or into a lent spare); it lives as long as the array."""
+        """Map a result a worker wrote into our folder (or into a lent spare); it lives as long as the array.
+
+        Beyond the descriptor budget the result is copied into memory instead,
+        and its file freed at once.
+        """
         nbytes = ref.dtype.itemsize * _size(ref.shape)
         with self._lock:
             spare = self._lent.pop(ref.path, None)
             _RESULT_HINT[0] = nbytes
         if spare is not None:
-            self._adopt(spare)
-            ref_path, reusable = spare.path, (spare.capacity, spare.where)
+            ref_path = spare.path
+            self._register(ref_path, _File(spare.fd, 1, 1, (spare.capacity, spare.where)))
         else:
             fd = os.open(ref.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-            ref_path = self._keep(fd, ref.path, users=1)
-            reusable = (nbytes, os.path.dirname(os.path.dirname(ref.path)))
-        with self._lock:
-            self._mapped[ref_path] = 1
-            self._capacity[ref_path] = reusable  # once freed, its pages serve the next dump or result
+            reuse = (nbytes, os.path.dirname(os.path.dirname(ref.path)))
+            ref_path = self._keep(fd, ref.path, users=1, reuse=reuse, mapped=1)
+        if _DESCRIPTORS.left() < 0:
+            try:
+                return np.array(open_ref(ref, open_whole(ref_path, "r")), copy=True)
+            finally:
+                self.release(ref_path, True)
         whole = open_whole(ref_path, "r+")
-        weakref.finalize(whole, self.release, ref_path, True)
+        weakref.finalize(whole, self.release_later, ref_path, True)
         return open_ref(ref, whole).view(np.ndarray)
 
     # -- end -------------------------------------------------------------
@@ -381,29 +438,45 @@ class MemmapStore:
         return self._closed
 
     def close(self) -> None:
-        """Drop every dump not mapped in caller code and remove the folders. Idempotent."""
+        """Drop every file not mapped in caller code and remove the folders. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._dumps.clear()
-            for spare in self._lent.values():
+            lent, self._lent = list(self._lent.values()), {}
+            for spare in lent:
                 _OWNERS.pop(spare.path, None)
-                os.close(spare.fd)
-            self._lent.clear()
-            for path in list(self._counts):
-                mapped = self._mapped.get(path, 0)
-                if mapped:
-                    self._counts[path] = mapped
+            unused = []
+            for path, record in self._files.items():
+                if record.mapped:
+                    record.users = record.mapped
                 else:
-                    self._discard(path)
-            for folder in self._folders.values():
-                _FOLDERS.pop(folder, None)
-                remove_private_folder(folder)
+                    unused.append(path)
+            folders = list(self._folders.values())
+        for spare in lent:
+            os.close(spare.fd)
+        for path in unused:
+            with self._lock:
+                left = self._files.get(path)
+                if left is None:
+                    continue
+                left.users = 1
+            self.release(path)
+        for folder in folders:
+            remove_private_folder(folder)
 
 
-def _forget_when_freed(store: MemmapStore, key: int, path: str, _: weakref.ref[np.ndarray]) -> None:
-    store._forget(key, path)
+class _ForgetWhenFreed:
+    """The weakref callback of a dumped array: posts the release, takes no lock."""
+
+    __slots__ = ("key", "path", "store")
+
+    def __init__(self, store: MemmapStore, key: int, path: str) -> None:
+        self.store, self.key, self.path = store, key, path
+
+    def __call__(self, _: weakref.ref[np.ndarray]) -> None:
+        _janitor.post(self.store._forget, self.key, self.path)
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mmexec import has_shareable_memory
+from mmexec import _janitor, has_shareable_memory
 
 
 def add(a: Any, b: Any) -> Any:
@@ -86,9 +87,18 @@ def thread_count() -> int:
     return threading.active_count()
 
 
+def settle() -> None:
+    """Run the releases that freed arrays and maps posted (a weakref callback never releases inline)."""
+    gc.collect()
+    assert _janitor.flush(timeout=30)
+
+
+def held_fds(ex: Any) -> dict[str, int]:
+    """The files an executor's store holds now, path -> descriptor, once pending releases ran."""
+    settle()
+    return ex._store.held_fds()  # type: ignore[no-any-return]
+
+
 def live_dumps(ex: Any) -> list[str]:
     """Where the live dumps of an executor's store are (``... (deleted)`` once unlinked)."""
-    store = ex._store
-    with store._lock:
-        fds = dict(store._fds)
-    return sorted(os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else path for path, fd in fds.items())
+    return sorted(os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else path for path, fd in held_fds(ex).items())

@@ -223,12 +223,15 @@ def test_tasks_get_read_only_views(ex: DaskExecutor) -> None:
     ids=["memmap", "slice", "asarray-view", "nested-view"],
 )
 def test_memmap_arguments_raise_a_clear_error(ex: DaskExecutor, client: Any, tmp_path: Any, mode: str, wrap: Any):
-    """np.memmaps and their views cannot cross machines, whatever their size or mode: LocalMemmapError."""
+    """np.memmaps and their views cannot cross machines, whatever their size or mode: LocalMemmapError.
+
+    As every pickling error, it fails the task's future (submit returns at once).
+    """
     path = tmp_path / "data.f8"
     np.memmap(path, dtype=np.float64, mode="w+", shape=(10,)).flush()
     mm = np.memmap(path, dtype=np.float64, mode=mode, shape=(10,))
     with pytest.raises(LocalMemmapError, match="np.array") as info:
-        ex.submit(total, wrap(mm))
+        ex.submit(total, wrap(mm)).result()
     assert isinstance(info.value, TypeError)
     assert str(path) in str(info.value)
     if mode in ("r+", "w+"):
@@ -242,7 +245,7 @@ def test_memmap_errors_in_map_and_parallel(ex: DaskExecutor, client: Any, tmp_pa
     path = tmp_path / "out.f8"
     out = np.memmap(path, dtype=np.float64, mode="w+", shape=(4,))
     with pytest.raises(LocalMemmapError):
-        ex.map(sleep_then, [0.0, 0.0, out])
+        list(ex.map(sleep_then, [0.0, 0.0, out]))
     with pytest.raises(LocalMemmapError):
         Parallel(backend=ex)(delayed(total)(x) for x in [np.ones(3), out])
     assert ex.submit(total, np.ones(3)).result() == 3.0

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _tasks import describe, live_dumps, slice_of
+from _tasks import describe, held_fds, live_dumps, slice_of
 
 import mmexec._store as store_module
 from mmexec import MemmapExecutor, TempFolderError
@@ -25,7 +25,7 @@ def test_files_are_private_and_unguessable(mx):
     a = np.ones(100_000)
     mx.submit(describe, a).result()
     folder = mx._store.folder
-    ((path, fd),) = mx._store._fds.items()
+    ((path, fd),) = held_fds(mx).items()
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
     assert re.fullmatch(rf"mmexec-{os.getpid()}-[0-9a-f]{{24}}", os.path.basename(folder))
@@ -150,12 +150,12 @@ def test_freed_dump_is_reused_for_the_next_array_with_the_right_data(mx):
     """A new array of the same size reuses a freed dump's pages, and tasks see the new values."""
     a = np.ones(100_000)
     mx.submit(describe, a).result()
-    (first,) = mx._store._fds
+    (first,) = held_fds(mx)
     del a
     gc.collect()
     b = np.full(100_000, 2.0)
     assert mx.submit(describe, b).result()["sum"] == 200_000.0
-    assert list(mx._store._fds) == [first]
+    assert list(held_fds(mx)) == [first]
 
 
 def test_dump_still_mapped_by_a_result_is_never_reused(mx):
@@ -176,7 +176,7 @@ def test_unused_spare_dumps_are_freed_after_a_moment(mx):
     mx.submit(describe, a).result()
     del a
     gc.collect()
-    assert mx._store._fds == {}
+    assert held_fds(mx) == {}
     assert _wait_for(lambda: not mx._store._spares._items), "spare dump still kept"
 
 
