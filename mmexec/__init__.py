@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from loky import BrokenProcessPool
 
-from ._errors import LocalMemmapError, MainGuardError, MmexecError, TempFolderError
+from ._errors import AbortedError, LocalMemmapError, MainGuardError, MmexecError, ResultError, TempFolderError
 from ._executor import MemmapExecutor
 from ._memmap import dump, has_shareable_memory, load
 from ._parallel import Parallel, delayed, parallel_config
@@ -21,9 +21,10 @@ from ._parallel import Parallel, delayed, parallel_config
 if _TYPE_CHECKING:
     from ._dask import DaskExecutor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AbortedError",
     "BrokenProcessPool",
     "DaskExecutor",
     "LocalMemmapError",
@@ -31,6 +32,7 @@ __all__ = [
     "MemmapExecutor",
     "MmexecError",
     "Parallel",
+    "ResultError",
     "TempFolderError",
     "__version__",
     "delayed",

@@ -33,6 +33,7 @@ A backend supplies only its store and its way of sending a payload
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -40,7 +41,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -196,12 +197,15 @@ class _Core:
     def put(self, task: Task, scope: Session | None) -> Future[Any]:
         future: Future[Any] = Future()
         item = WorkItem(future, task, scope)
+        if self.thread is None:
+            with self.lock:
+                self.check_usable()
+            self.backend.start()  # outside the lock (it may start processes); idempotent
         with self.lock:
             self.check_usable()
             self.items.add(item)
             self.events.put(item)
             if self.thread is None:
-                self.backend.start()
                 self.thread = threading.Thread(target=self._serve, name="mmexec-manager", daemon=True)
                 self.thread.start()
         return future
@@ -217,9 +221,9 @@ class _Core:
     def stop(self, cancel_futures: bool) -> None:
         with self.lock:
             self.shutdown = True
-            items = list(self.items) if cancel_futures else []
-        for item in items:
-            item.future.cancel()  # only futures still PENDING (not sent) are cancelled
+            futures = self._futures() if cancel_futures else []
+        for fut in futures:
+            fut.cancel()  # only futures still PENDING (not sent) are cancelled
         self.post_stop()
 
     def post_stop(self) -> None:
@@ -246,18 +250,25 @@ class _Core:
 
     def abort(self, futures: Iterable[Future[Any]] | None, grace: float) -> None:
         chosen = None if futures is None else frozenset(futures)
-        for fut in chosen if chosen is not None else [item.future for item in self._snapshot()]:
+        if chosen is None:
+            with self.lock:
+                targets = self._futures()
+        for fut in chosen if chosen is not None else targets:
             fut.cancel()  # the ones not sent yet
-        if self.thread is None:
+        thread = self.thread
+        if thread is None:
             return
         event = _Abort(chosen, grace, threading.Event())
         self.events.put(event)
-        if threading.current_thread() is not self.thread:  # (a done-callback runs on the manager)
-            event.processed.wait()
+        if thread is threading.current_thread():  # (a user's done-callback runs on the manager)
+            return
+        while not event.processed.wait(0.1):
+            if not thread.is_alive():  # the manager finished: nothing of ours runs any more
+                return
 
-    def _snapshot(self) -> list[WorkItem]:
-        with self.lock:
-            return list(self.items)
+    def _futures(self) -> list[Future[Any]]:
+        """The futures of the items not finished (called under the lock)."""
+        return [item.future for item in self.items if item.future is not None]
 
     def _close(self) -> None:
         if not self.closed:
@@ -288,8 +299,24 @@ class _Core:
                 del events
                 self._tend_aborted(running)
                 self._fill(waiting, running)
+        except BaseException as exc:  # a bug of ours: fail every future rather than leave one pending
+            self._break(exc)
+            for item in [*waiting, *running]:
+                self._fail(item, self._broken_error())
+            raise
         finally:
             self._close()
+            self._release_aborts()
+
+    def _release_aborts(self) -> None:
+        """The manager is done: wake every abort() still waiting for it."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, _Abort):
+                event.processed.set()
 
     def _next_events(self, running: dict[WorkItem, None]) -> list[Any]:
         timeout = _ABORT_POLL if any(item.aborted for item in running) else None
@@ -340,7 +367,7 @@ class _Core:
         self.backend.finished(item)
         future = item.future
         item.payload = item.holds = item.inner = None
-        if not future.done():
+        with contextlib.suppress(InvalidStateError):  # done already: aborted (or cancelled meanwhile)
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             elif isinstance(item.task, Call):
@@ -355,7 +382,7 @@ class _Core:
         self._forget(item)
 
     def _fail(self, item: WorkItem, exc: BaseException) -> None:
-        if not item.future.done():
+        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
             item.future.set_exception(exc)
         self._forget(item)
 
@@ -385,7 +412,7 @@ class _Core:
             if item.aborted or (chosen is not None and item.future not in chosen):
                 continue
             item.aborted, item.deadline = True, deadline
-            if not item.future.done():
+            with contextlib.suppress(InvalidStateError):
                 item.future.set_exception(AbortedError("the task was aborted while it ran"))
             self.backend.interrupt(item)
         event.processed.set()

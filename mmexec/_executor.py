@@ -151,14 +151,21 @@ class _Lease:
         self._released = False
 
     def renew(self) -> Any:
-        """After another user of loky's reusable pool restarted it, or an abort broke it: the new one."""
+        """After another user of loky's reusable pool restarted it, or an abort broke it: the new one.
+
+        Called on the executor's manager thread, whose loky reusable pool would be a new one nobody
+        shares: the executor gets a pool of its own instead, shut down with it.
+        """
         with self._lock:
-            if not self._released:
-                if not self.own:
-                    self.pool = _POOLS.replace(self.pool, self._max_workers)
-                elif self._rebuild is not None and self.pool in _KILLED_POOLS:
-                    self.pool.shutdown(wait=False)
-                    self.pool = self._rebuild()
+            if self._released:
+                return self.pool
+            if not self.own:
+                _POOLS.release(self.pool)
+                self.own = True
+                self.pool = _own_pool(self._max_workers)
+            elif self.pool in _KILLED_POOLS or getattr(getattr(self.pool, "_flags", None), "broken", None):
+                self.pool.shutdown(wait=False)
+                self.pool = (self._rebuild or (lambda: _own_pool(self._max_workers)))()
             return self.pool
 
     def release(self, wait: bool = False) -> None:

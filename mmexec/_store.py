@@ -335,7 +335,8 @@ class MemmapStore:
             ref_path, flat = self._write(a), None
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, weakref.ref(a, _ForgetWhenFreed(self, key, ref_path)), ref_path, ref)
+        dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
+        dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
         dump.flat = None if flat is None else flat[: a.nbytes]
         with self._lock:
             old = self._dumps.get(key)
@@ -365,12 +366,14 @@ class MemmapStore:
         self._register(spare.path, _File(spare.fd, 1, 0, (spare.capacity, spare.where)))
         return spare.path
 
-    def _forget(self, key: int, path: str) -> None:
+    def _forget(self, dump: _Dump) -> None:
+        """``dump``'s array was freed: release its file, unless a newer dump of the same id replaced
+        it (:meth:`_new_dump` released it then) or :meth:`close` already did."""
         with self._lock:
-            dump = self._dumps.get(key)
-            if dump is not None and dump.path == path:
-                del self._dumps[key]
-        self.release(path)
+            if self._dumps.get(dump.key) is not dump:
+                return
+            del self._dumps[dump.key]
+        self.release(dump.path)
 
     # -- results ---------------------------------------------------------
     def lend_spares(self, most: int) -> list[tuple[str, int]]:
@@ -470,13 +473,13 @@ class MemmapStore:
 class _ForgetWhenFreed:
     """The weakref callback of a dumped array: posts the release, takes no lock."""
 
-    __slots__ = ("key", "path", "store")
+    __slots__ = ("dump", "store")
 
-    def __init__(self, store: MemmapStore, key: int, path: str) -> None:
-        self.store, self.key, self.path = store, key, path
+    def __init__(self, store: MemmapStore, dump: _Dump) -> None:
+        self.store, self.dump = store, dump
 
     def __call__(self, _: weakref.ref[np.ndarray]) -> None:
-        _janitor.post(self.store._forget, self.key, self.path)
+        _janitor.post(self.store._forget, self.dump)
 
 
 def _size(shape: tuple[int, ...]) -> int:

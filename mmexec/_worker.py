@@ -329,6 +329,7 @@ def run_task(
         _set_current((table, slot))
         if table[slot, 1]:
             _set_current(None)
+            table[slot, 0] = 0
             raise TaskAborted("the caller aborted this task before it started")
     try:
         outcomes = _run_payload(payload)
