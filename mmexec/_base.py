@@ -61,6 +61,8 @@ T = TypeVar("T")
 _ABORT_POLL = 0.05
 #: map() with chunksize=None cuts the calls into about this many chunks per worker.
 _CHUNKS_PER_WORKER = 8
+#: Most single calls sent together as one packet when many wait (see ``_Core._pack``).
+_PACKET_MAX = 32
 
 _global_shutdown = False
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
@@ -114,7 +116,9 @@ threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
 class WorkItem:
     """One task on its way: its record, its future, and what the backend attached to it."""
 
-    __slots__ = ("aborted", "deadline", "future", "holds", "inner", "payload", "scope", "session", "slot", "task")
+    __slots__ = (
+        "aborted", "deadline", "future", "holds", "inner", "members", "payload", "scope", "session", "slot", "task",
+    )
 
     def __init__(self, future: Future[Any], task: Task, scope: Session | None) -> None:
         self.future = future
@@ -127,6 +131,7 @@ class WorkItem:
         self.slot = -1
         self.aborted = False
         self.deadline = 0.0
+        self.members: list[WorkItem] | None = None  # a packet: the submitted calls it carries
 
 
 class Backend(Protocol):
@@ -340,6 +345,10 @@ class _Core:
             if not item.future.set_running_or_notify_cancel():
                 self._forget(item)
                 continue
+            if isinstance(item.task, Call) and len(waiting) >= 2 * backend.window:
+                in_flight = sum(len(r.members) if r.members else 1 for r in running)
+                share = (2 * backend.window - in_flight) // (backend.window - len(running))
+                item = self._pack(item, waiting, share)
             try:
                 backend.encode(item)
             except Exception as exc:  # pickling errors belong on the future, as in the stdlib
@@ -356,8 +365,36 @@ class _Core:
             running[item] = None
             inner.add_done_callback(_DoneCallback(self.events, item))
 
+    def _pack(self, first: WorkItem, waiting: deque[WorkItem], share: int) -> WorkItem:
+        """Many single calls wait (a submit loop): send ``first`` and the next ones of its burst together.
+
+        One packet of up to :data:`_PACKET_MAX` calls travels and runs as one
+        task, which spares a round trip per call; each call's future still
+        gets its own result. A packet takes about a ``2 * window``-th of what
+        waits, so every worker stays busy, and at most ``share`` calls: no more
+        than ``2 * window`` calls are in flight in all, so that, as in the
+        standard library, most queued futures can still be cancelled.
+        """
+        size = min(_PACKET_MAX, len(waiting) // (2 * self.backend.window) + 1, share)
+        members = [first]
+        while len(members) < size and waiting:
+            item = waiting[0]
+            if not isinstance(item.task, Call) or item.session is not first.session:
+                break
+            waiting.popleft()
+            if item.future.set_running_or_notify_cancel():
+                members.append(item)
+            else:
+                self._forget(item)
+        if len(members) == 1:
+            return first
+        packet = WorkItem(Future(), Batch([m.task for m in members]), None)  # type: ignore[misc]
+        packet.session, packet.members = first.session, members
+        packet.future.set_running_or_notify_cancel()
+        return packet
+
     def _finish(self, item: WorkItem, waiting: deque[WorkItem]) -> None:
-        """A sent item's run is done: decode, release, set its future."""
+        """A sent item's run is done: decode, release, set its future (each member's, for a packet)."""
         try:
             outcome: Outcomes | BaseException = self.backend.decode(item)
         except BaseException as exc:
@@ -365,9 +402,23 @@ class _Core:
             if self.backend.is_fatal(exc):
                 self._break(exc)
         self.backend.finished(item)
-        future = item.future
         item.payload = item.holds = item.inner = None
-        with contextlib.suppress(InvalidStateError):  # done already: aborted (or cancelled meanwhile)
+        if item.members is None:
+            self._settle(item, outcome)
+        elif isinstance(outcome, BaseException):
+            for member in item.members:
+                self._settle(member, outcome)
+        else:
+            for i, member in enumerate(item.members):
+                error = outcome.errors.get(i)
+                self._settle(member, Outcomes([outcome.values[i]], {} if error is None else {0: error}))
+            item.members = None
+        del outcome
+
+    def _settle(self, item: WorkItem, outcome: Outcomes | BaseException) -> None:
+        """Set ``item``'s future from its outcome, unless it is done already (aborted), and forget it."""
+        future = item.future
+        with contextlib.suppress(InvalidStateError):
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             elif isinstance(item.task, Call):
@@ -382,9 +433,10 @@ class _Core:
         self._forget(item)
 
     def _fail(self, item: WorkItem, exc: BaseException) -> None:
-        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-            item.future.set_exception(exc)
-        self._forget(item)
+        for target in item.members or [item]:
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                target.future.set_exception(exc)
+            self._forget(target)
 
     def _forget(self, item: WorkItem) -> None:
         with self.lock:
@@ -409,12 +461,16 @@ class _Core:
                 item.future.cancel()
         deadline = time.monotonic() + event.grace
         for item in running:
-            if item.aborted or (chosen is not None and item.future not in chosen):
+            if item.aborted:
                 continue
-            item.aborted, item.deadline = True, deadline
-            with contextlib.suppress(InvalidStateError):
-                item.future.set_exception(AbortedError("the task was aborted while it ran"))
-            self.backend.interrupt(item)
+            futures = [m.future for m in item.members] if item.members else [item.future]
+            hit = [f for f in futures if f is not None and (chosen is None or f in chosen)]
+            for fut in hit:
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_exception(AbortedError("the task was aborted while it ran"))
+            if hit and all(f is None or f.done() for f in futures):  # no other call rides along
+                item.aborted, item.deadline = True, deadline
+                self.backend.interrupt(item)
         event.processed.set()
 
     def _tend_aborted(self, running: dict[WorkItem, None]) -> None:

@@ -328,6 +328,7 @@ class MemmapStore:
         return True
 
     def _new_dump(self, a: np.ndarray) -> _Dump:
+        _janitor.run_pending()  # files freed a moment ago (posted by finalizers) become spares first
         spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
         if spare is not None:
             ref_path, flat = self._reuse(spare, a), spare.flat
@@ -388,6 +389,7 @@ class MemmapStore:
         hint = _RESULT_HINT[0]
         if not hint:
             return lent
+        _janitor.run_pending()  # results freed a moment ago become spares first
         with self._lock:
             while not self._closed and len(lent) < most:
                 spare = self._spares.take(hint, self._base)
