@@ -21,11 +21,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["flush", "post", "run_pending"]
+__all__ = ["flush", "post"]
 
 _queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = queue.SimpleQueue()
 _start_lock = threading.Lock()
-_item_lock = threading.Lock()  # held by the janitor thread while it runs a call
 _thread: threading.Thread | None = None
 _exiting = False
 _pid = os.getpid()
@@ -48,28 +47,6 @@ def flush(timeout: float | None = None) -> bool:
     done = threading.Event()
     post(done.set)
     return done.wait(timeout)
-
-
-def run_pending() -> None:
-    """Run, in this thread, the calls posted so far that the janitor has not taken yet.
-
-    Called before a decision that depends on them (is a freed file available
-    for reuse?). Waits only for the call the janitor may be running right now.
-    Not for use while holding a lock a posted call takes.
-    """
-    while True:
-        try:
-            item = _queue.get_nowait()
-        except queue.Empty:
-            break
-        if item is None:  # the stop marker of the exit drain: leave it for the janitor
-            _queue.put(None)
-            return
-        _run(*item)
-        del item
-    if threading.current_thread() is not _thread:
-        with _item_lock:  # the call the janitor took before us has finished
-            pass
 
 
 def _start() -> None:
@@ -99,8 +76,7 @@ def _serve() -> None:
         item = _queue.get()
         if item is None:
             return
-        with _item_lock:
-            _run(*item)
+        _run(*item)
         del item
 
 

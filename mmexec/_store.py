@@ -27,6 +27,7 @@ The spare pool's lock is only ever taken after (inside) the store's.
 from __future__ import annotations
 
 import os
+import queue
 import resource
 import threading
 import weakref
@@ -181,6 +182,11 @@ class MemmapStore:
         self._lent: dict[str, Spare] = {}  # reference path -> freed file lent to a task for its result
         self._spares = SPARES
         self._closed = False
+        # Releases posted by finalizers and weakref callbacks (a path and whether it was a map, or a
+        # freed array's dump), applied by apply_releases() on the janitor or the executor's thread.
+        self._released: queue.SimpleQueue[tuple[str, bool] | _Dump] = queue.SimpleQueue()
+        self._drain_posted = False
+        self._apply_lock = threading.Lock()
 
     # -- folders ---------------------------------------------------------
     @property
@@ -271,8 +277,29 @@ class MemmapStore:
             os.close(record.fd)
 
     def release_later(self, path: str, mapped: bool = False) -> None:
-        """:meth:`release` from a finalizer or a weakref callback: done on the janitor thread."""
-        _janitor.post(self.release, path, mapped)
+        """:meth:`release` from a finalizer or a weakref callback: queued, takes no lock."""
+        self._post_release((path, mapped))
+
+    def _post_release(self, item: tuple[str, bool] | _Dump) -> None:
+        self._released.put(item)
+        if not self._drain_posted:
+            self._drain_posted = True
+            _janitor.post(self.apply_releases)
+
+    def apply_releases(self) -> None:
+        """Apply the releases queued by finalizers (on the janitor thread, or before the store
+        decides whether a freed file can serve again). Never call it while holding the store's lock."""
+        with self._apply_lock:
+            self._drain_posted = False  # a release queued from now on posts a new drain
+            while True:
+                try:
+                    item = self._released.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(item, _Dump):
+                    self._forget(item)
+                else:
+                    self.release(*item)
 
     # -- arrays -> refs --------------------------------------------------
     def ref_for(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
@@ -328,7 +355,7 @@ class MemmapStore:
         return True
 
     def _new_dump(self, a: np.ndarray) -> _Dump:
-        _janitor.run_pending()  # files freed a moment ago (posted by finalizers) become spares first
+        self.apply_releases()  # files freed a moment ago (queued by finalizers) become spares first
         spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
         if spare is not None:
             ref_path, flat = self._reuse(spare, a), spare.flat
@@ -389,7 +416,7 @@ class MemmapStore:
         hint = _RESULT_HINT[0]
         if not hint:
             return lent
-        _janitor.run_pending()  # results freed a moment ago become spares first
+        self.apply_releases()  # results freed a moment ago become spares first
         with self._lock:
             while not self._closed and len(lent) < most:
                 spare = self._spares.take(hint, self._base)
@@ -481,7 +508,7 @@ class _ForgetWhenFreed:
         self.store, self.dump = store, dump
 
     def __call__(self, _: weakref.ref[np.ndarray]) -> None:
-        _janitor.post(self.store._forget, self.dump)
+        self.store._post_release(self.dump)
 
 
 def _size(shape: tuple[int, ...]) -> int:
