@@ -164,6 +164,9 @@ class Backend(Protocol):
     def kill(self, item: WorkItem) -> None:
         """The grace period is over: stop ``item`` by force."""
 
+    def wake(self) -> None:
+        """The manager was woken by :meth:`QueueExecutor._wake` (releases to apply, say)."""
+
     def close(self) -> None:
         """Nothing runs any more: free everything. Idempotent."""
 
@@ -181,6 +184,7 @@ class _Abort:
 
 
 _STOP = object()
+_WAKE = object()
 
 
 class _Core:
@@ -230,6 +234,10 @@ class _Core:
         for fut in futures:
             fut.cancel()  # only futures still PENDING (not sent) are cancelled
         self.post_stop()
+
+    def wake(self) -> None:
+        """Have the manager call ``backend.wake()`` soon. Safe in a finalizer: takes no lock."""
+        self.events.put(_WAKE)
 
     def post_stop(self) -> None:
         """Ask the manager to finish once all work is done. Safe in a finalizer: takes no lock."""
@@ -301,6 +309,8 @@ class _Core:
                         self._abort(event, waiting, running)
                     elif event is _STOP:
                         stopping = True
+                    elif event is _WAKE:
+                        self.backend.wake()
                 del events
                 self._tend_aborted(running)
                 self._fill(waiting, running)

@@ -294,6 +294,9 @@ class _DaskBackend:
     def kill(self, item: WorkItem) -> None:
         self.interrupt(item)
 
+    def wake(self) -> None:
+        pass
+
     def close(self) -> None:
         self.store.close()
 

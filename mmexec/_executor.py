@@ -326,6 +326,9 @@ class _MemmapBackend:
     def is_fatal(self, exc: BaseException) -> bool:
         return isinstance(exc, BrokenProcessPool) and not isinstance(exc, _PoolKilledByAbort)
 
+    def wake(self) -> None:
+        self.store.apply_releases()
+
     def _running_pid(self, item: WorkItem) -> int:
         """The pid of the worker running ``item`` (0 if none does yet), checked to be one of its pool's."""
         if self._table is None or item.slot < 0:
@@ -456,6 +459,7 @@ class MemmapExecutor(QueueExecutor):
         self._backend = backend
         self._start(backend, max_workers, "This executor is broken; create a new MemmapExecutor: it gets a fresh "
                     "worker pool.")
+        self._store.waker = self._core.wake  # releases posted by finalizers are applied by the manager
 
     @property
     def _pool(self) -> Any:

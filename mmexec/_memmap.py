@@ -22,7 +22,6 @@ from ._tempfolder import no_room_error, unlink_quietly
 __all__ = [
     "ArrayRef",
     "backing_memmap",
-    "copy_array",
     "dump",
     "file_offset_of",
     "has_shareable_memory",
@@ -128,14 +127,6 @@ def write_array(fd: int, path: str, a: np.ndarray) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_room_error(os.path.dirname(path), a.nbytes) from exc
         raise
-
-
-def copy_array(a: np.ndarray, flat: np.ndarray) -> None:
-    """Copy ``a``'s bytes, laid out as :func:`write_array` does, into the uint8 map ``flat``."""
-    pos = 0
-    for block in _contiguous_blocks(a):
-        flat[pos : pos + block.size] = block
-        pos += block.size
 
 
 def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:

@@ -1,30 +1,30 @@
 """Freed dumps and results kept for a moment, so the next dump or result can reuse their pages.
 
-Writing into a fresh tmpfs file allocates and zeroes every page (about
-3 GB/s here); copying into pages that are already allocated and mapped runs
-at memory speed (about 11 GB/s). Loops that pass a new array of the same size
-to every round of tasks hit this case all the time. A freed dump is therefore
-kept for :data:`SPARE_TTL` seconds (at most :data:`SPARE_LIMIT` bytes in
-all, shared by every executor of the process, so that back-to-back
-``Parallel`` calls benefit too); a background thread maps and pre-faults it
-off the critical path, and closes whatever was not reused in time. A spare is
-an unlinked file held only by its descriptor: nothing is visible in any
-folder, and the kernel frees it if the process dies.
+Writing into a fresh tmpfs file allocates and zeroes every page; writing into
+pages that are already allocated is about twice as fast (50 MB: 16 ms against
+36 ms here). Loops that pass a new array of the same size to every round of
+tasks hit this case all the time. A freed dump is therefore kept for
+:data:`SPARE_TTL` seconds (at most :data:`SPARE_LIMIT` bytes and
+:data:`SPARE_COUNT` files in all, shared by every executor of the process, so
+that back-to-back ``Parallel`` calls benefit too); a background thread closes
+whatever was not reused in time. A spare is an unlinked file held only by its
+descriptor: nothing is visible in any folder, and the kernel frees it if the
+process dies.
+
+Spares are not mapped ahead of use: on this kind of VM, faulting pages in
+(even with ``madvise(MADV_POPULATE_WRITE)`` off the GIL) cost more than it
+saved, and ``mmap(MAP_POPULATE)`` from Python holds the GIL for the whole
+populate (about 35 ms per 200 MB), stalling every thread.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-
-__all__ = ["SPARES", "SPARE_COUNT", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool", "map_spare"]
+__all__ = ["SPARES", "SPARE_COUNT", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
 
 #: Seconds a freed dump is kept for reuse before it is deleted.
 SPARE_TTL = 2.0
@@ -32,25 +32,17 @@ SPARE_TTL = 2.0
 SPARE_LIMIT = 2**30
 #: Freed dumps kept at most (each holds a descriptor).
 SPARE_COUNT = 64
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-try:
-    _madvise: Any = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _madvise.restype = ctypes.c_int
-except (OSError, AttributeError):  # no libc madvise: spares are faulted in by their first use
-    _madvise = None
 
 
 @dataclass(eq=False)
 class Spare:
-    """A freed dump: its descriptor, the path tasks open, its size, maybe a parent map."""
+    """A freed dump: its descriptor, the path tasks open, its size, and when it was freed."""
 
     fd: int
     path: str
     capacity: int
     where: str  # the temp folder it was made in: reused only for dumps bound there
     released: float
-    flat: np.ndarray | None = None
 
 
 class SparePool:
@@ -66,7 +58,7 @@ class SparePool:
         self._closed = False
 
     def put(self, fd: int, path: str, capacity: int, where: str) -> bool:
-        """Keep a freed dump; False (and the caller closes it) when over the limit."""
+        """Keep a freed dump; False (and the caller closes it) when over the limits."""
         with self._lock:
             if (
                 self._closed
@@ -97,7 +89,7 @@ class SparePool:
             items, self._items = self._items, []
             self._wake.notify()
         for spare in items:
-            _drop(spare)
+            os.close(spare.fd)
 
     def close(self) -> None:
         """Free every kept dump and keep no more."""
@@ -108,51 +100,15 @@ class SparePool:
     def _tend(self) -> None:
         with self._lock:
             while self._items and not self._closed:
-                todo = next((s for s in self._items if s.flat is None), None)
-                if todo is not None:
-                    self._lock.release()
-                    try:
-                        flat = map_spare(todo)
-                    finally:
-                        self._lock.acquire()
-                    if todo in self._items:
-                        if flat is None:  # cannot be mapped: useless as a spare, drop it
-                            self._items.remove(todo)
-                            _drop(todo)
-                        else:
-                            todo.flat = flat
-                    continue
                 now = time.monotonic()
                 expired = [s for s in self._items if now - s.released >= self.ttl]
                 for spare in expired:
                     self._items.remove(spare)
-                    _drop(spare)
+                    os.close(spare.fd)
                 if self._items:
                     oldest = min(s.released for s in self._items)
                     self._wake.wait(max(0.0, oldest + self.ttl - now))
             self._thread = None
-
-
-def map_spare(spare: Spare) -> np.ndarray | None:
-    """Map a spare and fault its pages in, writable, so that a dump into it runs at memory speed.
-
-    The faulting is a ctypes call (``madvise(MADV_POPULATE_WRITE)``), which
-    releases the GIL: ``mmap(MAP_POPULATE)`` from Python holds it for the
-    whole populate (about 35 ms per 200 MB here), stalling every thread.
-    """
-    try:
-        m = mmap.mmap(spare.fd, spare.capacity, flags=mmap.MAP_SHARED)
-    except (OSError, ValueError):
-        return None
-    flat = np.frombuffer(m, dtype=np.uint8)
-    if _madvise is not None:
-        _madvise(flat.ctypes.data, spare.capacity, _MADV_POPULATE_WRITE)  # a failure only costs speed
-    return flat
-
-
-def _drop(spare: Spare) -> None:
-    spare.flat = None
-    os.close(spare.fd)
 
 
 #: The process-wide pool every store uses.

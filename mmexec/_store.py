@@ -31,6 +31,7 @@ import queue
 import resource
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,7 +41,6 @@ from . import _janitor
 from ._memmap import (
     ArrayRef,
     backing_memmap,
-    copy_array,
     file_offset_of,
     layout_order,
     open_ref,
@@ -187,6 +187,8 @@ class MemmapStore:
         self._released: queue.SimpleQueue[tuple[str, bool] | _Dump] = queue.SimpleQueue()
         self._drain_posted = False
         self._apply_lock = threading.Lock()
+        #: While the executor's manager thread runs: wakes it to apply queued releases (lock-free).
+        self.waker: Callable[[], None] | None = None
 
     # -- folders ---------------------------------------------------------
     @property
@@ -281,8 +283,11 @@ class MemmapStore:
         self._post_release((path, mapped))
 
     def _post_release(self, item: tuple[str, bool] | _Dump) -> None:
-        self._released.put(item)
-        if not self._drain_posted:
+        self._released.put(item)  # first: whoever clears ``waker`` applies the queue after
+        waker = self.waker
+        if waker is not None:
+            waker()  # the executor's own thread applies it
+        elif not self._drain_posted:
             self._drain_posted = True
             _janitor.post(self.apply_releases)
 
@@ -357,15 +362,11 @@ class MemmapStore:
     def _new_dump(self, a: np.ndarray) -> _Dump:
         self.apply_releases()  # files freed a moment ago (queued by finalizers) become spares first
         spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
-        if spare is not None:
-            ref_path, flat = self._reuse(spare, a), spare.flat
-        else:
-            ref_path, flat = self._write(a), None
+        ref_path = self._write(a) if spare is None else self._reuse(spare, a)
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
         dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
-        dump.flat = None if flat is None else flat[: a.nbytes]
         with self._lock:
             old = self._dumps.get(key)
             self._dumps[key] = dump
@@ -386,11 +387,8 @@ class MemmapStore:
         return self._keep(fd, path, users=1, reuse=(a.nbytes, os.path.dirname(folder)))  # held by the array
 
     def _reuse(self, spare: Spare, a: np.ndarray) -> str:
-        """Dump ``a`` into a freed dump's pages (already allocated, maybe already mapped)."""
-        if spare.flat is not None:
-            copy_array(a, spare.flat)
-        else:
-            write_array(spare.fd, spare.path, a)
+        """Dump ``a`` into a freed dump's pages (already allocated)."""
+        write_array(spare.fd, spare.path, a)
         self._register(spare.path, _File(spare.fd, 1, 0, (spare.capacity, spare.where)))
         return spare.path
 
@@ -471,6 +469,8 @@ class MemmapStore:
 
     def close(self) -> None:
         """Drop every file not mapped in caller code and remove the folders. Idempotent."""
+        self.waker = None  # from now on, releases go to the janitor
+        self.apply_releases()
         with self._lock:
             if self._closed:
                 return
