@@ -545,12 +545,12 @@ class QueueExecutor(Executor):
 
         .. versionadded:: 0.2.0
         """
-        items = [c if isinstance(c, Call) else Call(*c) for c in calls]
-        fn = items[0].fn if items else None
-        if items and all(c.fn is fn and not c.kwargs for c in items):
-            task: Task = Chunk(items[0].fn, [c.args for c in items])
+        triples = [(c.fn, c.args, c.kwargs) if isinstance(c, Call) else c for c in calls]
+        task: Task
+        if triples and all(c[0] is triples[0][0] and not c[2] for c in triples):
+            task = Chunk(triples[0][0], [c[1] for c in triples])  # (no record per call: Parallel sends thousands)
         else:
-            task = Batch(items)
+            task = Batch([Call(*c) for c in triples])
         return self._core.put(task, scope)
 
     @staticmethod

@@ -388,8 +388,8 @@ class _Run:
             del self.in_flight[fut]
             values = self._values(fut)
             self._adapt(count, time.monotonic() - sent)
+            self._dispatch_some()  # first: the workers get the next batch while this one is reported
             self._completed(first, values)
-            self._dispatch_some()
             if not ordered:
                 yield from values
                 continue

@@ -21,7 +21,7 @@ from typing import Any
 __all__ = ["Batch", "Call", "Chunk", "Outcomes", "Task"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One call, ``fn(*args, **kwargs)``."""
 
@@ -34,7 +34,7 @@ class Call:
         return 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Chunk:
     """A chunk of ``map``: ``fn(*args)`` for every ``args`` in ``arglists``."""
 
@@ -50,7 +50,7 @@ class Chunk:
             yield self.fn, args, {}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch:
     """Several calls that travel and run together (a ``Parallel`` batch)."""
 
