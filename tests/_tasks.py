@@ -94,8 +94,10 @@ def settle() -> None:
 
 
 def held_fds(ex: Any) -> dict[str, int]:
-    """The files an executor's store holds now, path -> descriptor, once pending releases ran."""
+    """The files an executor's store holds now, path -> descriptor, once pending releases ran
+    (queued releases are applied by the executor's thread or the janitor: apply them here)."""
     settle()
+    ex._store.apply_releases()
     return ex._store.held_fds()  # type: ignore[no-any-return]
 
 
