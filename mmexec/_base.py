@@ -117,7 +117,8 @@ class WorkItem:
     """One task on its way: its record, its future, and what the backend attached to it."""
 
     __slots__ = (
-        "aborted", "deadline", "future", "holds", "inner", "members", "payload", "scope", "session", "slot", "task",
+        "aborted", "deadline", "future", "holds", "inner", "members", "payload", "scope", "session", "single",
+        "slot", "task",
     )
 
     def __init__(self, future: Future[Any], task: Task, scope: Session | None) -> None:
@@ -132,6 +133,7 @@ class WorkItem:
         self.aborted = False
         self.deadline = 0.0
         self.members: list[WorkItem] | None = None  # a packet: the submitted calls it carries
+        self.single = False  # taken back from a packet: already RUNNING, sent alone
 
 
 class Backend(Protocol):
@@ -352,17 +354,20 @@ class _Core:
             if self.broken is not None:
                 self._fail(item, self._broken_error())
                 continue
-            if not item.future.set_running_or_notify_cancel():
+            if not item.single and not item.future.set_running_or_notify_cancel():
                 self._forget(item)
                 continue
-            if isinstance(item.task, Call) and len(waiting) >= 2 * backend.window:
+            if isinstance(item.task, Call) and not item.single and len(waiting) >= 2 * backend.window:
                 in_flight = sum(len(r.members) if r.members else 1 for r in running)
                 share = (2 * backend.window - in_flight) // (backend.window - len(running))
                 item = self._pack(item, waiting, share)
             try:
                 backend.encode(item)
             except Exception as exc:  # pickling errors belong on the future, as in the stdlib
-                self._fail(item, exc)
+                if item.members:  # find the one that cannot be pickled: send them one by one
+                    self._take_back(item.members, waiting)
+                else:
+                    self._fail(item, exc)
                 continue
             try:
                 inner = item.inner = backend.send(item)
@@ -389,7 +394,7 @@ class _Core:
         members = [first]
         while len(members) < size and waiting:
             item = waiting[0]
-            if not isinstance(item.task, Call) or item.session is not first.session:
+            if not isinstance(item.task, Call) or item.single or item.session is not first.session:
                 break
             waiting.popleft()
             if item.future.set_running_or_notify_cancel():
@@ -419,11 +424,23 @@ class _Core:
             for member in item.members:
                 self._settle(member, outcome)
         else:
-            for i, member in enumerate(item.members):
+            ran = len(item.members) if outcome.stopped is None else outcome.stopped
+            for i, member in enumerate(item.members[:ran]):
                 error = outcome.errors.get(i)
                 self._settle(member, Outcomes([outcome.values[i]], {} if error is None else {0: error}))
+            self._take_back(item.members[ran:], waiting)  # an abort stopped the packet there
             item.members = None
         del outcome
+
+    def _take_back(self, members: list[WorkItem], waiting: deque[WorkItem]) -> None:
+        """Members of a packet that did not run (or could not be pickled together): send them again,
+        one by one, first; those an abort already finished are dropped."""
+        for member in reversed(members):
+            if member.future is None or member.future.done():
+                self._forget(member)
+            else:
+                member.single = True
+                waiting.appendleft(member)
 
     def _settle(self, item: WorkItem, outcome: Outcomes | BaseException) -> None:
         """Set ``item``'s future from its outcome, unless it is done already (aborted), and forget it."""
@@ -478,7 +495,7 @@ class _Core:
             for fut in hit:
                 with contextlib.suppress(InvalidStateError):
                     fut.set_exception(AbortedError("the task was aborted while it ran"))
-            if hit and all(f is None or f.done() for f in futures):  # no other call rides along
+            if hit:  # a packet's other calls that did not run yet are sent again (see _finish)
                 item.aborted, item.deadline = True, deadline
                 self.backend.interrupt(item)
         event.processed.set()
@@ -545,7 +562,7 @@ class QueueExecutor(Executor):
 
         .. versionadded:: 0.2.0
         """
-        triples = [(c.fn, c.args, c.kwargs) if isinstance(c, Call) else c for c in calls]
+        triples = [(c.fn, c.args, c.kwargs) if isinstance(c, Call) else (*c, {}) if len(c) == 2 else c for c in calls]
         task: Task
         if triples and all(c[0] is triples[0][0] and not c[2] for c in triples):
             task = Chunk(triples[0][0], [c[1] for c in triples])  # (no record per call: Parallel sends thousands)

@@ -70,11 +70,13 @@ Task = Call | Chunk | Batch
 
 @dataclass(slots=True)
 class Outcomes:
-    """What a :class:`Chunk` or a :class:`Batch` returns: one value per call,
-    and the exception of each call that failed (its value is then None)."""
+    """What a task returns: one value per call, and the exception of each call
+    that failed (its value is then None)."""
 
     values: list[Any]
     errors: dict[int, BaseException] = field(default_factory=dict)
+    #: A batch stopped by an abort: the index of the call it stopped at (it and the next ones did not finish).
+    stopped: int | None = None
 
     def first_error(self) -> BaseException | None:
         """The exception of the first failing call, if any."""

@@ -186,9 +186,10 @@ class MemmapStore:
         # freed array's dump), applied by apply_releases() on the janitor or the executor's thread.
         self._released: queue.SimpleQueue[tuple[str, bool] | _Dump] = queue.SimpleQueue()
         self._drain_posted = False
-        self._apply_lock = threading.Lock()
+        self._apply_lock = threading.RLock()  # (a finalizer may post, and at exit apply, inside it)
         #: While the executor's manager thread runs: wakes it to apply queued releases (lock-free).
         self.waker: Callable[[], None] | None = None
+        self.waker_pid = os.getpid()  # a forked child has no manager thread: it uses the janitor
 
     # -- folders ---------------------------------------------------------
     @property
@@ -285,7 +286,7 @@ class MemmapStore:
     def _post_release(self, item: tuple[str, bool] | _Dump) -> None:
         self._released.put(item)  # first: whoever clears ``waker`` applies the queue after
         waker = self.waker
-        if waker is not None:
+        if waker is not None and self.waker_pid == os.getpid():
             waker()  # the executor's own thread applies it
         elif not self._drain_posted:
             self._drain_posted = True
@@ -371,6 +372,7 @@ class MemmapStore:
             old = self._dumps.get(key)
             self._dumps[key] = dump
         if old is not None:
+            old.flat = None
             self.release(old.path)
         return dump
 
@@ -475,6 +477,8 @@ class MemmapStore:
             if self._closed:
                 return
             self._closed = True
+            for old in self._dumps.values():
+                old.flat = None
             self._dumps.clear()
             lent, self._lent = list(self._lent.values()), {}
             for spare in lent:
@@ -505,10 +509,14 @@ class _ForgetWhenFreed:
     __slots__ = ("dump", "store")
 
     def __init__(self, store: MemmapStore, dump: _Dump) -> None:
-        self.store, self.dump = store, dump
+        # A weak reference: the dump holds the array's weakref, which holds this callback; a
+        # strong one would make a cycle that keeps a replaced dump's map alive until a collection.
+        self.store, self.dump = store, weakref.ref(dump)
 
     def __call__(self, _: weakref.ref[np.ndarray]) -> None:
-        self.store._post_release(self.dump)
+        dump = self.dump()
+        if dump is not None:  # (gone: replaced by a newer dump, which released its file)
+            self.store._post_release(dump)
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -38,7 +38,7 @@ from loky import BrokenProcessPool
 
 from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, write_array
 from ._pickler import PROTOCOL, load_ref, load_result, loads
-from ._records import Call, Outcomes, Task
+from ._records import Batch, Call, Outcomes, Task
 from ._tempfolder import create_private_file
 
 __all__ = [
@@ -145,12 +145,23 @@ def _encode_result(outcomes: Outcomes, ctx: WorkerContext) -> bytes:
     buf = io.BytesIO()
     try:
         _ResultPickler(buf, ctx).dump(outcomes)
-    except Exception as exc:  # as the stdlib: the error raised while pickling the result fails its future
-        n = len(outcomes.values)
-        failed = Outcomes([None] * n, {i: _with_traceback(exc) for i in range(n)})
+    except Exception:  # as the stdlib: the error raised while pickling a result fails its future
         buf = io.BytesIO()
-        _ResultPickler(buf, ctx).dump(failed)
+        _ResultPickler(buf, ctx).dump(_picklable(outcomes))
     return buf.getvalue()
+
+
+def _picklable(outcomes: Outcomes) -> Outcomes:
+    """``outcomes`` with each value or exception that cannot be pickled replaced by the error it raised."""
+    values, errors = list(outcomes.values), dict(outcomes.errors)
+    for i in range(len(values)):
+        for part in (values[i], errors.get(i)):
+            try:
+                cloudpickle.dumps(part, protocol=PROTOCOL)
+            except Exception as exc:
+                values[i], errors[i] = None, _with_traceback(exc)
+                break
+    return Outcomes(values, errors, outcomes.stopped)
 
 
 # ------------------------------------------------------------ worker state
@@ -377,8 +388,17 @@ def run_calls(task: Task, call: Callable[..., Any] = _call) -> Outcomes:
     for i, (fn, args, kwargs) in enumerate(task.calls()):
         try:
             values.append(call(fn, args, kwargs))
+        except TaskAborted:
+            if isinstance(task, Batch):  # the others may be sent again: say where it stopped
+                return Outcomes(values, errors, stopped=i)
+            raise
         except Exception as exc:
             values.append(None)
+            errors[i] = _with_traceback(exc)
+        except BaseException as exc:
+            if not isinstance(task, Batch):  # a map chunk ends, as in the standard library
+                raise
+            values.append(None)  # a batch's calls stand alone (submitted one by one): SystemExit too
             errors[i] = _with_traceback(exc)
     return Outcomes(values, errors)
 

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import pytest
@@ -360,3 +361,47 @@ def test_abort_after_shutdown_returns_at_once():
     ex.abort()
     ex.abort([fut])
     assert fut.done()
+
+
+def fail_at(i: int, bad: int, how: str, _extra: object = None) -> Any:
+    if i == bad and how == "exit":
+        sys.exit(3)
+    if i == bad and how == "result":
+        return threading.Lock()  # cannot be pickled back
+    return i
+
+
+def spin_if(i: int, stuck: int, started: str) -> int:
+    if i == stuck:
+        open(started, "w").close()
+        while True:
+            time.sleep(0.01)
+    return i
+
+
+@pytest.mark.parametrize("how", ["argument", "result", "exit"])
+def test_one_bad_call_in_a_submit_loop_fails_only_its_future(how):
+    """40 submits (sent together in packets): an unpicklable argument or result, or sys.exit(), in one
+    call fails that future alone, as with ProcessPoolExecutor."""
+    with MemmapExecutor(1) as ex:
+        futures = [
+            ex.submit(fail_at, i, 10, how, threading.Lock() if how == "argument" and i == 10 else None)
+            if how == "argument" else ex.submit(fail_at, i, 10, how)
+            for i in range(40)
+        ]
+        failed = [i for i, f in enumerate(futures) if f.exception(timeout=60) is not None]
+        assert failed == [10]
+        assert [f.result() for i, f in enumerate(futures) if i != 10] == [i for i in range(40) if i != 10]
+        if how == "exit":
+            assert isinstance(futures[10].exception(), SystemExit)
+
+
+def test_aborting_one_call_of_a_submit_loop_lets_the_others_finish(tmp_path):
+    """abort([f]) of a call that never returns: the calls sent with it still run and complete."""
+    started = str(tmp_path / "started")
+    with MemmapExecutor(1) as ex:
+        futures = [ex.submit(spin_if, i, 0, started) for i in range(40)]
+        wait_for_file(started)
+        ex.abort([futures[0]])
+        assert isinstance(futures[0].exception(), AbortedError)
+        assert [f.result(timeout=60) for f in futures[1:]] == list(range(1, 40))
