@@ -19,9 +19,11 @@ in the caller's folder; the caller opens it, unlinks it, and keeps it like a
 dump for as long as the result array lives.
 
 Locks: the store's lock is taken in ordinary thread context only. Weakref
-callbacks and finalizers (an array or a result map freed) never call the
-store: they :func:`~mmexec._janitor.post` the release to the janitor thread.
-The spare pool's lock is only ever taken after (inside) the store's.
+callbacks and finalizers (an array or a result map freed) never take it:
+they queue the release on the store and wake the executor's manager thread
+(or, once it is gone, post a drain to the janitor thread), which applies it
+(:meth:`MemmapStore.apply_releases`). Lock order: the apply lock, then the
+store's, then the spare pool's.
 """
 
 from __future__ import annotations
