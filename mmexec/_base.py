@@ -3,7 +3,7 @@
 The shape is CPython's ``concurrent.futures.process``::
 
     submit() ----> events (SimpleQueue) ----> manager thread -----------------> backend
-      returns      WorkItem: task record,      drains a burst of items,          encode(task, session)
+      returns      WorkItem: task record,      drains a burst of items,          encode(item)
       its own      future, scope               encodes each when it is sent      send(item) -> inner future
       Future                                   (one content check per array      decode(item) -> Outcomes
                                                per burst), keeps at most
@@ -167,7 +167,7 @@ class Backend(Protocol):
         """The grace period is over: stop ``item`` by force."""
 
     def wake(self) -> None:
-        """The manager was woken by :meth:`QueueExecutor._wake` (releases to apply, say)."""
+        """The manager was woken by :meth:`_Core.wake` (releases to apply, say)."""
 
     def close(self) -> None:
         """Nothing runs any more: free everything. Idempotent."""
@@ -327,11 +327,7 @@ class _Core:
 
     def _release_aborts(self) -> None:
         """The manager is done: wake every abort() still waiting for it."""
-        while True:
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return
+        for event in _janitor.drain(self.events):
             if isinstance(event, _Abort):
                 event.processed.set()
 
@@ -341,11 +337,8 @@ class _Core:
             events = [self.events.get(timeout=timeout)]
         except queue.Empty:
             return []
-        while True:
-            try:
-                events.append(self.events.get_nowait())
-            except queue.Empty:
-                return events
+        events.extend(_janitor.drain(self.events))
+        return events
 
     def _fill(self, waiting: deque[WorkItem], running: dict[WorkItem, None]) -> None:
         backend = self.backend

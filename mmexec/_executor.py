@@ -283,21 +283,28 @@ class _MemmapBackend:
         args = (run_task, item.payload, ctx, spares or None, item.slot)
         try:
             inner: Future[Any] = pool.submit(*args)
-        except BrokenProcessPool:
-            if pool not in _KILLED_POOLS:
-                raise
-            pool = self.lease.renew()
-            inner = pool.submit(*args)
-        except RuntimeError:
-            if interpreter_exiting() or _interpreter_exiting():
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
-            if self.lease.own:
-                raise
-            pool = self.lease.renew()  # another user of loky's reusable pool restarted it
+        except RuntimeError as exc:  # (BrokenProcessPool is a RuntimeError too)
+            pool = self._replacement(pool, exc)
             inner = pool.submit(*args)
         self._pools[item.slot] = pool
         finish_work_at_exit(pool)
         return inner
+
+    def _replacement(self, pool: Any, exc: RuntimeError) -> Any:
+        """The pool to send to after ``pool.submit`` raised ``exc``, or ``exc`` raised again.
+
+        A pool broken by an abort's kill, or a shared pool another user of loky
+        restarted, is replaced; a pool broken otherwise, or the interpreter
+        exiting, is final.
+        """
+        if isinstance(exc, BrokenProcessPool):
+            if pool not in _KILLED_POOLS:
+                raise exc
+        elif interpreter_exiting() or _interpreter_exiting():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
+        elif self.lease.own:
+            raise exc
+        return self.lease.renew()
 
     def decode(self, item: WorkItem) -> Outcomes:
         inner = item.inner

@@ -18,10 +18,12 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["flush", "post"]
+T = TypeVar("T")
+
+__all__ = ["drain", "flush", "post"]
 
 _queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = queue.SimpleQueue()
 _start_lock = threading.Lock()
@@ -38,6 +40,15 @@ def post(fn: Callable[..., object], *args: Any) -> None:
     _queue.put((fn, args))
     if _thread is None or _pid != os.getpid():
         _start()
+
+
+def drain(q: queue.SimpleQueue[T]) -> Iterator[T]:
+    """Take what ``q`` holds now, one item at a time, without blocking."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
 
 
 def flush(timeout: float | None = None) -> bool:
@@ -84,11 +95,7 @@ def _serve() -> None:
 def _drain_at_exit() -> None:
     global _exiting
     _exiting = True
-    while True:
-        try:
-            item = _queue.get_nowait()
-        except queue.Empty:
-            break
+    for item in drain(_queue):
         if item is not None:
             _run(*item)
     _queue.put(None)

@@ -61,7 +61,7 @@ from ._tempfolder import (
     unlink_quietly,
 )
 
-__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "fd_budget_left", "owner_of"]
+__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
 
 # reference path -> the store that keeps it open; lets any store hold a dump another made
 # (a result of one executor passed to another).
@@ -103,11 +103,6 @@ class _Descriptors:
 
 
 _DESCRIPTORS = _Descriptors()
-
-
-def fd_budget_left() -> int:
-    """How many more descriptors mmexec may hold in this process (negative: over budget)."""
-    return _DESCRIPTORS.left()
 
 
 def owner_of(path: str) -> MemmapStore | None:
@@ -299,11 +294,7 @@ class MemmapStore:
         decides whether a freed file can serve again). Never call it while holding the store's lock."""
         with self._apply_lock:
             self._drain_posted = False  # a release queued from now on posts a new drain
-            while True:
-                try:
-                    item = self._released.get_nowait()
-                except queue.Empty:
-                    return
+            for item in _janitor.drain(self._released):
                 if isinstance(item, _Dump):
                     self._forget(item)
                 else:
