@@ -13,10 +13,26 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from loky import BrokenProcessPool
 
-from ._errors import AbortedError, LocalMemmapError, MainGuardError, MmexecError, ResultError, TempFolderError
+from ._errors import (
+    AbortedError,
+    LocalMemmapError,
+    MainGuardError,
+    MmexecError,
+    ParallelTimeoutError,
+    ResultError,
+    TempFolderError,
+)
 from ._executor import MemmapExecutor
 from ._memmap import dump, has_shareable_memory, load
-from ._parallel import Parallel, delayed, parallel_config
+from ._parallel import (
+    Parallel,
+    cpu_count,
+    delayed,
+    effective_n_jobs,
+    parallel_backend,
+    parallel_config,
+    register_parallel_backend,
+)
 
 if _TYPE_CHECKING:
     from ._dask import DaskExecutor
@@ -32,14 +48,19 @@ __all__ = [
     "MemmapExecutor",
     "MmexecError",
     "Parallel",
+    "ParallelTimeoutError",
     "ResultError",
     "TempFolderError",
     "__version__",
+    "cpu_count",
     "delayed",
     "dump",
+    "effective_n_jobs",
     "has_shareable_memory",
     "load",
+    "parallel_backend",
     "parallel_config",
+    "register_parallel_backend",
 ]
 
 

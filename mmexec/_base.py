@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import queue
 import threading
 import time
@@ -48,7 +49,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from loky import BrokenProcessPool
 
 from . import _janitor
-from ._errors import AbortedError
+from ._errors import AbortedError, MmexecError
 from ._records import Batch, Call, Chunk, Outcomes, Task
 from ._store import Session
 
@@ -117,14 +118,15 @@ class WorkItem:
     """One task on its way: its record, its future, and what the backend attached to it."""
 
     __slots__ = (
-        "aborted", "deadline", "future", "holds", "inner", "members", "payload", "scope", "session", "single",
-        "slot", "task",
+        "aborted", "batch", "deadline", "future", "holds", "inner", "members", "payload", "scope", "session",
+        "single", "slot", "task",
     )
 
-    def __init__(self, future: Future[Any], task: Task, scope: Session | None) -> None:
+    def __init__(self, future: Future[Any], task: Task, scope: Session | None, batch: bool = False) -> None:
         self.future = future
         self.task = task
         self.scope = scope
+        self.batch = batch  # from submit_batch: a task that cannot be pickled fails as joblib's do
         self.session: Session | None = None
         self.payload: Any = None
         self.holds: Any = None
@@ -205,9 +207,9 @@ class _Core:
         _live_cores.add(self)
 
     # -- any thread ------------------------------------------------------
-    def put(self, task: Task, scope: Session | None) -> Future[Any]:
+    def put(self, task: Task, scope: Session | None, batch: bool = False) -> Future[Any]:
         future: Future[Any] = Future()
-        item = WorkItem(future, task, scope)
+        item = WorkItem(future, task, scope, batch)
         if self.thread is None:
             with self.lock:
                 self.check_usable()
@@ -360,7 +362,7 @@ class _Core:
                 if item.members:  # find the one that cannot be pickled: send them one by one
                     self._take_back(item.members, waiting)
                 else:
-                    self._fail(item, exc)
+                    self._fail(item, _batch_pickling_error(exc) if item.batch else exc)
                 continue
             try:
                 inner = item.inner = backend.send(item)
@@ -504,6 +506,15 @@ class _Core:
                     self.backend.interrupt(item)
 
 
+def _batch_pickling_error(exc: Exception) -> Exception:
+    """A batch whose arguments could not be pickled fails as joblib's do (mmexec's own errors stay)."""
+    if isinstance(exc, (MmexecError, OSError)):
+        return exc
+    error = pickle.PicklingError("Could not pickle the task to send it to the workers.")
+    error.__cause__ = exc
+    return error
+
+
 class _DoneCallback:
     """An inner future's done callback: queues the item for the manager, nothing else."""
 
@@ -553,6 +564,12 @@ class QueueExecutor(Executor):
         pass one scope for batches whose arrays the caller does not change in
         between (``Parallel`` uses one per call).
 
+        If the calls cannot be pickled, the future raises
+        ``pickle.PicklingError("Could not pickle the task to send it to the
+        workers.")`` with the original error as its ``__cause__``, as joblib's
+        batches do (``submit`` and ``map`` raise the original error, as the
+        standard library's executor does).
+
         .. versionadded:: 0.2.0
         """
         triples = [(c.fn, c.args, c.kwargs) if isinstance(c, Call) else (*c, {}) if len(c) == 2 else c for c in calls]
@@ -561,7 +578,7 @@ class QueueExecutor(Executor):
             task = Chunk(triples[0][0], [c[1] for c in triples])  # (no record per call: Parallel sends thousands)
         else:
             task = Batch([Call(*c) for c in triples])
-        return self._core.put(task, scope)
+        return self._core.put(task, scope, batch=True)
 
     @staticmethod
     def new_scope() -> Session:

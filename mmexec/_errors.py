@@ -10,6 +10,7 @@ catches, so ``except OSError`` or ``except TypeError`` keeps working::
           +-- LocalMemmapError     (also TypeError)
           +-- ResultError          (also RuntimeError)
           +-- AbortedError         (also concurrent.futures.CancelledError)
+          +-- ParallelTimeoutError (also TimeoutError and multiprocessing.TimeoutError)
 
 Worker deaths are reported with loky's ``TerminatedWorkerError``, a subclass
 of :class:`concurrent.futures.process.BrokenProcessPool`.
@@ -17,9 +18,19 @@ of :class:`concurrent.futures.process.BrokenProcessPool`.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 from concurrent.futures import CancelledError
 
-__all__ = ["AbortedError", "LocalMemmapError", "MainGuardError", "MmexecError", "ResultError", "TempFolderError"]
+__all__ = [
+    "AbortedError",
+    "LocalMemmapError",
+    "MainGuardError",
+    "MmexecError",
+    "ParallelTimeoutError",
+    "ResultError",
+    "TempFolderError",
+]
 
 
 class MmexecError(Exception):
@@ -78,6 +89,22 @@ class ResultError(MmexecError, RuntimeError):
     The message names the cause (a missing file, too many open files, an
     object that cannot be unpickled) and what to do. Only that task's future
     fails: the workers and the other tasks are unaffected.
+
+    .. versionadded:: 0.2.0
+    """
+
+
+_TIMEOUT_BASES: tuple[type, ...] = tuple(
+    dict.fromkeys([multiprocessing.TimeoutError, concurrent.futures.TimeoutError, TimeoutError])
+)
+
+
+class ParallelTimeoutError(MmexecError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """``Parallel(timeout=...)`` saw no task finish within ``timeout`` seconds.
+
+    A subclass of the builtin :class:`TimeoutError` (which is also
+    ``concurrent.futures.TimeoutError``) and of ``multiprocessing.TimeoutError``,
+    which joblib raises: ``except`` clauses written for either catch it.
 
     .. versionadded:: 0.2.0
     """

@@ -224,13 +224,17 @@ class _PoolKilledByAbort(BrokenProcessPool):  # type: ignore[misc]
 class _MemmapBackend:
     """Runs tasks on a loky pool; arrays go through a :class:`MemmapStore` (see ``_base.Backend``)."""
 
-    def __init__(self, store: MemmapStore, lease: _Lease, token: str, init_blob: bytes | None, workers: int) -> None:
+    def __init__(
+        self, store: MemmapStore, lease: _Lease, token: str, init_blob: bytes | None, workers: int,
+        threads: int | None = None,
+    ) -> None:
         self.store = store
         self.lease = lease
         self.window = 2 * workers + 1
         self._token = token
         self._init_blob = init_blob
         self._workers = workers
+        self._threads = threads
         self._ctx: WorkerContext | None = None
         self._table: _AbortTable | None = None
         self._pools: dict[int, Any] = {}  # slot -> the pool its task was sent to
@@ -242,7 +246,7 @@ class _MemmapBackend:
         if ctx is None:
             limit = self.store.max_nbytes
             folder = None if limit is None else self.store.folder
-            threads = max(1, loky.cpu_count() // self._workers)
+            threads = self._threads or max(1, loky.cpu_count() // self._workers)
             self._table = _AbortTable(self.window)
             ctx = self._ctx = WorkerContext(self._token, folder, limit, self._init_blob, threads, self._table.path)
         return ctx
@@ -407,6 +411,11 @@ class MemmapExecutor(QueueExecutor):
     temp_folder : str or path, optional
         Where dumps go. Default: ``$MMEXEC_TEMP_FOLDER``, else ``/dev/shm``,
         else the system temp folder.
+    inner_max_num_threads : int, optional
+        BLAS/OpenMP threads each worker may use while it runs this executor's
+        tasks. Default: the number of CPUs divided by ``max_workers`` (at
+        least 1), so that workers times threads does not oversubscribe the
+        machine, as joblib does.
 
     Notes
     -----
@@ -432,6 +441,7 @@ class MemmapExecutor(QueueExecutor):
         max_nbytes: int | float | str | None = DEFAULT_MAX_NBYTES,
         mmap_mode: str = "r",
         temp_folder: str | None = None,
+        inner_max_num_threads: int | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = loky.cpu_count()
@@ -441,6 +451,11 @@ class MemmapExecutor(QueueExecutor):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if inner_max_num_threads is not None and (
+            not isinstance(inner_max_num_threads, int) or isinstance(inner_max_num_threads, bool)
+            or inner_max_num_threads < 1
+        ):
+            raise ValueError(f"inner_max_num_threads must be a positive int or None, got {inner_max_num_threads!r}")
         if max_tasks_per_child is not None:
             raise ValueError(
                 "max_tasks_per_child is not supported by MemmapExecutor: loky reuses its "
@@ -462,7 +477,7 @@ class MemmapExecutor(QueueExecutor):
             lease = _Lease(rebuild(), True, max_workers, rebuild)
         else:
             lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
-        backend = _MemmapBackend(self._store, lease, token, init_blob, max_workers)
+        backend = _MemmapBackend(self._store, lease, token, init_blob, max_workers, inner_max_num_threads)
         self._backend = backend
         self._start(backend, max_workers, "This executor is broken; create a new MemmapExecutor: it gets a fresh "
                     "worker pool.")

@@ -18,32 +18,42 @@ import contextvars
 import itertools
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from numbers import Integral
 from typing import Any, TypeVar
 
 import loky
 
 from ._base import QueueExecutor
+from ._errors import ParallelTimeoutError
 from ._executor import MemmapExecutor
 from ._options import DEFAULT_MAX_NBYTES
 from ._records import Outcomes
 from ._worker import in_worker
 
-__all__ = ["Parallel", "delayed", "parallel_config"]
+__all__ = [
+    "Parallel",
+    "cpu_count",
+    "delayed",
+    "effective_n_jobs",
+    "parallel_backend",
+    "parallel_config",
+    "register_parallel_backend",
+]
 
 T = TypeVar("T")
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-PROCESS_BACKENDS = ("loky", "processes", "multiprocessing")
-BACKENDS = (*PROCESS_BACKENDS, "threading", "sequential", "dask")
 RETURN_AS = ("list", "generator", "generator_unordered")
 #: After an error or a timeout, a task still running this long after the abort has its worker killed.
 ABORT_GRACE = 0.5
 #: batch_size='auto' aims at batches lasting between these many seconds (as joblib).
 MIN_BATCH_SECONDS, MAX_BATCH_SECONDS = 0.2, 2.0
 _MAX_AUTO_BATCH = 10_000
+_STARTED: Any = object()  # what a run's generator yields first, once its first batches are sent
 
 
 class _Delayed:
@@ -52,27 +62,30 @@ class _Delayed:
     A small object instead of ``functools.wraps`` on a closure, which costs
     about 5 us per ``delayed(f)`` (the generator in ``Parallel(...)(delayed(f)(x)
     for x in xs)`` makes one per item). It answers ``__name__``, ``__doc__``,
-    ``__module__``, ``__wrapped__`` (so ``inspect.signature``) as the function.
+    ``__module__``, ``__wrapped__`` (so ``inspect.signature``) as the function,
+    and pickles and copies as ``delayed(function)``.
     """
 
-    __slots__ = ("__wrapped__",)
-
     def __init__(self, function: Callable[..., Any]) -> None:
-        self.__wrapped__ = function
+        # Instance attributes shadow the class's own __doc__ and __module__ (plain strings there, so
+        # pickle still finds this class by name).
+        attributes = self.__dict__
+        attributes["__wrapped__"] = function
+        attributes["__doc__"] = getattr(function, "__doc__", None)
+        attributes["__module__"] = getattr(function, "__module__", __name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Call:
         return self.__wrapped__, args, kwargs
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__wrapped__, name)
+        try:
+            function = self.__dict__["__wrapped__"]
+        except KeyError:  # a copy being built: not set yet
+            raise AttributeError(name) from None
+        return getattr(function, name)
 
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return getattr(self.__wrapped__, "__doc__", None)
-
-    @property
-    def __module__(self) -> str:  # type: ignore[override]
-        return getattr(self.__wrapped__, "__module__", __name__)
+    def __reduce__(self) -> tuple[Any, tuple[Callable[..., Any]]]:
+        return delayed, (self.__wrapped__,)
 
     def __repr__(self) -> str:
         return f"delayed({self.__wrapped__!r})"
@@ -88,6 +101,69 @@ def delayed(function: Callable[..., T]) -> Callable[..., Call]:
     return _Delayed(function)
 
 
+# ------------------------------------------------------------------ backends
+#: Backends known by name; a registered name maps to a factory of executors.
+_BUILTIN = {"loky": "loky", "multiprocessing": "loky", "processes": "loky", "threading": "threading",
+            "sequential": "sequential", "dask": "dask"}
+_REGISTERED: dict[str, Callable[..., Executor]] = {}
+_DEFAULT_BACKEND: list[str] = ["loky"]
+VALID_PREFER = ("processes", "threads", None)
+VALID_REQUIRE = ("sharedmem", None)
+
+
+def register_parallel_backend(name: str, factory: Callable[..., Executor], make_default: bool = False) -> None:
+    """Name a backend: ``Parallel(backend=name)`` then runs on ``factory(n_jobs, **backend_kwargs)``.
+
+    The factory returns any ``concurrent.futures.Executor`` (a
+    ``ProcessPoolExecutor``, a ``MemmapExecutor`` with options of your
+    choice, an executor of your own). ``Parallel`` calls it with the number
+    of workers and the keyword arguments given to ``Parallel`` or
+    ``parallel_config``, for each call (or once per ``with Parallel(...)``
+    block), and shuts the executor down after it. ``make_default=True``
+    makes it the backend of every ``Parallel`` not given one. As in joblib,
+    ``n_jobs=1`` runs the calls in the caller. This is joblib's
+    ``register_parallel_backend``, with an executor factory in place of a
+    ``ParallelBackendBase`` class.
+
+    .. versionadded:: 0.2.0
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a backend name must be a non-empty string, not {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be a callable returning a concurrent.futures.Executor, not {factory!r}")
+    _REGISTERED[name] = factory
+    if make_default:
+        _DEFAULT_BACKEND[0] = name
+
+
+def _backend_names() -> list[str]:
+    return sorted({*_BUILTIN, *_REGISTERED})
+
+
+def _check_backend(backend: Any) -> Any:
+    """``backend`` if it names a backend or is an Executor; joblib's ``Invalid backend`` error otherwise."""
+    if backend is None or isinstance(backend, Executor) or backend in _REGISTERED or backend in _BUILTIN:
+        return backend
+    if isinstance(backend, str):
+        raise ValueError(f"Invalid backend: {backend}, expected one of {_backend_names()}")
+    if hasattr(backend, "Pool") and hasattr(backend, "Lock"):  # a multiprocessing context, as joblib takes
+        return backend
+    raise ValueError(
+        f"Invalid backend: {backend!r}. Pass a backend name (one of {_backend_names()}), a "
+        "concurrent.futures.Executor, or register a factory with register_parallel_backend(). joblib's "
+        "backend objects (ParallelBackendBase) are not supported."
+    )
+
+
+def cpu_count(only_physical_cores: bool = False) -> int:
+    """The number of CPUs this process may use (loky's count: affinity and container quotas included).
+
+    .. versionadded:: 0.2.0
+    """
+    return int(loky.cpu_count(only_physical_cores=only_physical_cores))
+
+
+# ------------------------------------------------------------------ config
 _DEFAULTS: dict[str, Any] = {
     "n_jobs": None,
     "backend": None,
@@ -97,6 +173,7 @@ _DEFAULTS: dict[str, Any] = {
     "mmap_mode": "r",
     "prefer": None,
     "require": None,
+    "backend_params": {},
 }
 _config: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("mmexec_parallel_config", default=None)
 _UNSET: Any = object()
@@ -105,27 +182,90 @@ _UNSET: Any = object()
 class parallel_config:  # noqa: N801 - joblib's name
     """Context manager setting the defaults of every ``Parallel`` created inside it.
 
-    Accepts ``backend``, ``n_jobs``, ``verbose``, ``temp_folder``,
-    ``max_nbytes``, ``mmap_mode``, ``prefer`` and ``require``; nested blocks
-    override the outer ones and restore them on exit.
+    ``parallel_config(backend=None, *, n_jobs, verbose, temp_folder,
+    max_nbytes, mmap_mode, prefer, require, inner_max_num_threads,
+    **backend_params)``, as joblib's. Options not given keep the outer
+    block's value; nested blocks restore the outer ones on exit. The backend
+    may be given by position (``parallel_config("threading", n_jobs=2)``);
+    ``inner_max_num_threads`` and other keyword arguments are passed to that
+    backend's executor (``initializer``, ``initargs``, ...), and need a
+    backend name.
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(_DEFAULTS)
-        if unknown:
-            raise TypeError(f"parallel_config got unknown options {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-        self._options = options
-        self._token: contextvars.Token[dict[str, Any] | None] | None = None
+    def __init__(
+        self,
+        backend: str | Executor | None = _UNSET,
+        *,
+        n_jobs: int | None = _UNSET,
+        verbose: int = _UNSET,
+        temp_folder: str | None = _UNSET,
+        max_nbytes: int | float | str | None = _UNSET,
+        mmap_mode: str = _UNSET,
+        prefer: str | None = _UNSET,
+        require: str | None = _UNSET,
+        inner_max_num_threads: int | None = None,
+        **backend_params: Any,
+    ) -> None:
+        if inner_max_num_threads is not None:
+            backend_params["inner_max_num_threads"] = inner_max_num_threads
+        if backend is _UNSET or backend is None:
+            if backend_params:
+                raise ValueError(
+                    "inner_max_num_threads and other constructor parameters backend_params are only "
+                    f"supported when backend is not None (got {sorted(backend_params)})"
+                )
+        else:
+            backend = _check_backend(backend)
+            if backend_params and not isinstance(backend, str):
+                raise ValueError("Constructor parameters backend_params are only supported when backend is a string.")
+            if inner_max_num_threads is not None and isinstance(backend, str) and _BUILTIN.get(backend) in (
+                "threading", "sequential"
+            ):
+                raise ValueError(
+                    f"backend {backend!r} does not accept setting the inner_max_num_threads argument: "
+                    "it runs tasks in this process"
+                )
+        given: dict[str, Any] = {"backend": backend, "n_jobs": n_jobs, "verbose": verbose, "temp_folder": temp_folder,
+                 "max_nbytes": max_nbytes, "mmap_mode": mmap_mode, "prefer": prefer, "require": require}
+        self._options = {k: v for k, v in given.items() if v is not _UNSET}
+        if "backend" in self._options:
+            self._options["backend_params"] = backend_params
+        self._tokens: list[contextvars.Token[dict[str, Any] | None]] = []
+        # As joblib's, the configuration applies from here (so a caller may skip the with block and
+        # call unregister() later); entering the block returns it.
+        self._tokens.append(_config.set({**(_config.get() or {}), **self._options}))
 
-    def __enter__(self) -> parallel_config:
-        self._token = _config.set({**(_config.get() or {}), **self._options})
-        return self
+    def __enter__(self) -> dict[str, Any]:
+        return {**_DEFAULTS, **(_config.get() or {})}
 
     def __exit__(self, *exc: object) -> None:
-        assert self._token is not None
-        _config.reset(self._token)
+        self.unregister()
+
+    def unregister(self) -> None:
+        """Restore the configuration that held before this one (``__exit__`` does it)."""
+        while self._tokens:
+            _config.reset(self._tokens.pop())
+
+
+class parallel_backend(parallel_config):  # noqa: N801 - joblib's name
+    """joblib's older form of :class:`parallel_config`: ``parallel_backend(backend, n_jobs=-1, **params)``.
+
+    Entering it returns ``(backend, n_jobs)``.
+
+    .. versionadded:: 0.2.0
+    """
+
+    def __init__(
+        self, backend: str | Executor, n_jobs: int | None = -1, inner_max_num_threads: int | None = None,
+        **backend_params: Any,
+    ) -> None:
+        super().__init__(backend, n_jobs=n_jobs, inner_max_num_threads=inner_max_num_threads, **backend_params)
+
+    def __enter__(self) -> tuple[Any, Any]:  # type: ignore[override]
+        config = super().__enter__()
+        return config["backend"], config["n_jobs"]
 
 
 def _option(name: str, value: Any) -> Any:
@@ -134,17 +274,41 @@ def _option(name: str, value: Any) -> Any:
     return (_config.get() or {}).get(name, _DEFAULTS[name])
 
 
-def effective_n_jobs(n_jobs: int | None) -> int:
+def _as_n_jobs(n_jobs: Any) -> int | None:
+    """``n_jobs`` as an int (numpy integers and floats too, floats rounded down, as joblib), or None."""
+    if n_jobs is None:
+        return None
+    if isinstance(n_jobs, bool) or isinstance(n_jobs, str):
+        raise ValueError(f"n_jobs must be an integer or None, got {n_jobs!r}")
+    try:
+        return int(n_jobs)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"n_jobs could not be converted to int: {n_jobs!r}") from None
+
+
+def _workers(n_jobs: int | None) -> int:
     """joblib's rule: None is 1, -1 all CPUs, -2 all but one, and so on; 0 is an error."""
+    n_jobs = _as_n_jobs(n_jobs)
     if n_jobs is None:
         return 1
-    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool):
-        raise TypeError(f"n_jobs must be an int or None, not {n_jobs!r}")
     if n_jobs == 0:
         raise ValueError("n_jobs == 0 has no meaning: use n_jobs=1 to run sequentially, -1 for all CPUs")
     if n_jobs < 0:
-        return max(1, int(loky.cpu_count()) + 1 + n_jobs)
+        return max(1, cpu_count() + 1 + n_jobs)
     return n_jobs
+
+
+def effective_n_jobs(n_jobs: int | None = -1) -> int:
+    """How many calls can run at once for this ``n_jobs`` (joblib's function).
+
+    ``-1`` is every CPU, ``-2`` all but one, and so on. ``None`` reads the
+    ``n_jobs`` of the enclosing :class:`parallel_config`, and is 1 outside one.
+
+    .. versionadded:: 0.2.0
+    """
+    if n_jobs is None:
+        n_jobs = (_config.get() or {}).get("n_jobs")
+    return _workers(n_jobs)
 
 
 def _run_batch(calls: list[Call]) -> Outcomes:
@@ -164,15 +328,24 @@ class Parallel:
 
     Parameters follow joblib: ``n_jobs``, ``backend`` (``'loky'`` /
     ``'processes'`` / ``'multiprocessing'`` run on :class:`MemmapExecutor`,
-    ``'threading'``, ``'sequential'``, or any ``concurrent.futures.Executor``),
+    ``'threading'``, ``'sequential'``, ``'dask'``, a name given to
+    :func:`register_parallel_backend`, or any ``concurrent.futures.Executor``),
     ``return_as`` (``'list'``, ``'generator'``, ``'generator_unordered'``),
     ``verbose``, ``timeout`` (seconds without any batch finishing; raises
-    ``TimeoutError``), ``pre_dispatch``, ``batch_size`` (``'auto'`` or an int),
-    ``temp_folder``, ``max_nbytes``, ``mmap_mode``, ``prefer`` and ``require``.
-    mmexec adds ``progress_bar`` (tqdm if installed, else a text bar on stderr)
-    and ``callback(index, result)``, called in the caller as each task finishes.
+    :class:`~mmexec.ParallelTimeoutError`, a ``TimeoutError`` and a
+    ``multiprocessing.TimeoutError``), ``pre_dispatch``, ``batch_size``
+    (``'auto'`` or an int), ``temp_folder``, ``max_nbytes``, ``mmap_mode``,
+    ``prefer`` and ``require``. Other keyword arguments (``initializer``,
+    ``initargs``, ``inner_max_num_threads``, ...) go to the backend's
+    executor, as joblib passes them to its backend. mmexec adds
+    ``progress_bar`` (tqdm if installed, else a text bar on stderr) and
+    ``callback(index, result)``, called in the caller as each task finishes.
 
-    Used as a context manager, the workers are kept across calls.
+    Work starts when the instance is called, for every ``return_as``; a
+    generator then consumes the input lazily, ``pre_dispatch`` calls ahead.
+    An instance runs one call at a time: calling it again while a generator
+    it returned is still open raises ``RuntimeError``. Used as a context
+    manager, the workers are kept across calls.
 
     .. versionadded:: 0.1.0
     """
@@ -194,60 +367,77 @@ class Parallel:
         *,
         progress_bar: bool = False,
         callback: Callable[[int, Any], object] | None = None,
+        **backend_kwargs: Any,
     ) -> None:
         if return_as not in RETURN_AS:
             raise ValueError(f"return_as must be one of {RETURN_AS}, got {return_as!r}")
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral)
+                                     or batch_size < 1):
+            raise ValueError(f"batch_size must be 'auto' or a positive integer, got: {batch_size!r}")
         prefer, require = _option("prefer", prefer), _option("require", require)
-        if prefer not in (None, "processes", "threads"):
-            raise ValueError(f"prefer must be None, 'processes' or 'threads', got {prefer!r}")
-        if require not in (None, "sharedmem"):
-            raise ValueError(f"require must be None or 'sharedmem', got {require!r}")
+        if prefer not in VALID_PREFER:
+            raise ValueError(f"prefer={prefer} is not a valid backend hint, expected one of {VALID_PREFER}")
+        if require not in VALID_REQUIRE:
+            raise ValueError(f"require={require} is not a valid backend constraint, expected one of {VALID_REQUIRE}")
+        if prefer == "processes" and require == "sharedmem":
+            raise ValueError("prefer == 'processes' and require == 'sharedmem' are inconsistent settings")
         self.return_as = return_as
         self.timeout = timeout
-        self.batch_size = batch_size
+        self.batch_size: int | str = batch_size if batch_size == "auto" else int(batch_size)
         self.verbose = _option("verbose", verbose)
         self.progress_bar = progress_bar
         self.callback = callback
         self.temp_folder = _option("temp_folder", temp_folder)
         self.max_nbytes = _option("max_nbytes", max_nbytes)
         self.mmap_mode = _option("mmap_mode", mmap_mode)
-        self.backend = self._choose_backend(_option("backend", backend), prefer, require)
-        requested = _option("n_jobs", n_jobs)
+        n_jobs = _UNSET if n_jobs is None else n_jobs  # None means "not given", as joblib
+        config = _config.get() or {}
+        if backend is _UNSET or backend is None:
+            chosen, from_config = config.get("backend"), True
+            self._backend_kwargs = {**config.get("backend_params", {}), **backend_kwargs}
+        else:
+            chosen, from_config = _check_backend(backend), False
+            self._backend_kwargs = dict(backend_kwargs)
+        self.backend = self._choose_backend(chosen, from_config, prefer, require)
+        if from_config and self.backend == "threading" and chosen not in (None, "threading"):
+            n_jobs = 1 if n_jobs is _UNSET else n_jobs  # require='sharedmem' overrode the block's backend
+        requested = _as_n_jobs(_option("n_jobs", n_jobs))
         if requested in (None, -1) and self.backend == "dask":
             from ._dask import cluster_threads
 
             requested = cluster_threads()  # every thread of the cluster (needs a client now)
         if requested is None and isinstance(self.backend, Executor):
             requested = getattr(self.backend, "_max_workers", 1)
-        self.n_jobs = effective_n_jobs(requested)
-        if self.n_jobs == 1 and not isinstance(self.backend, Executor) and self.backend != "dask":
+        self._workers = _workers(requested)
+        self.n_jobs = 1 if requested is None else requested
+        if self._workers == 1 and not isinstance(self.backend, Executor) and self.backend != "dask":
             self.backend = "sequential"
         self.pre_dispatch = self._pre_dispatch_count(pre_dispatch)
         self._executor: Executor | None = None
         self._managed = False
+        self._lock = threading.Lock()
+        self._running = False
 
     # ---------------------------------------------------------------- setup
     @staticmethod
-    def _choose_backend(backend: Any, prefer: str | None, require: str | None) -> str | Executor:
-        if isinstance(backend, Executor):
-            return backend
-        if require == "sharedmem" and backend not in (None, "threading", "sequential"):
-            raise ValueError(f"backend={backend!r} cannot share memory with the caller (require='sharedmem')")
+    def _choose_backend(backend: Any, from_config: bool, prefer: str | None, require: str | None) -> Any:
+        """The backend: a name, an Executor, or a multiprocessing context, following joblib's hints."""
         if backend is None:
             if require == "sharedmem" or prefer == "threads":
                 return "threading"
-            return "sequential" if in_worker() else "loky"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS} or an Executor instance")
-        return "loky" if backend in PROCESS_BACKENDS else backend
+            return "sequential" if in_worker() else _DEFAULT_BACKEND[0]
+        shares_memory = backend in ("threading", "sequential") or isinstance(backend, ThreadPoolExecutor)
+        if require == "sharedmem" and not shares_memory:
+            if from_config:  # as joblib: the block's backend gives way to threads
+                return "threading"
+            raise ValueError(f"Backend {backend!r} does not support shared memory (require='sharedmem')")
+        return backend
 
     def _pre_dispatch_count(self, pre_dispatch: int | str) -> int | None:
         if pre_dispatch == "all":
             return None
         if isinstance(pre_dispatch, str):
-            expr = pre_dispatch.replace("n_jobs", str(self.n_jobs))
+            expr = pre_dispatch.replace("n_jobs", str(self._workers))
             if not all(c in "0123456789*+- ." for c in expr):
                 raise ValueError(f"pre_dispatch must be 'all', an int or an expression of n_jobs, got {pre_dispatch!r}")
             pre_dispatch = int(eval(expr, {"__builtins__": {}}))  # digits and + - * only
@@ -256,19 +446,32 @@ class Parallel:
         return int(pre_dispatch)
 
     def _make_executor(self) -> Executor | None:
-        if isinstance(self.backend, Executor):
-            return self.backend
-        if self.backend == "loky":
+        backend, kwargs = self.backend, self._backend_kwargs
+        if isinstance(backend, Executor):
+            return backend
+        if backend == "sequential":
+            return None
+        if backend in _REGISTERED:
+            executor = _REGISTERED[backend](self._workers, **kwargs)
+            if not isinstance(executor, Executor):
+                raise TypeError(
+                    f"the factory registered for backend {backend!r} returned {type(executor).__name__}, "
+                    "not a concurrent.futures.Executor"
+                )
+            return executor
+        kind = _BUILTIN.get(backend, "loky")  # a multiprocessing context runs on MemmapExecutor too
+        if kind == "loky":
+            if not isinstance(backend, str):
+                kwargs = {"mp_context": backend, **kwargs}
             return MemmapExecutor(
-                self.n_jobs, max_nbytes=self.max_nbytes, mmap_mode=self.mmap_mode, temp_folder=self.temp_folder
+                self._workers, max_nbytes=self.max_nbytes, mmap_mode=self.mmap_mode, temp_folder=self.temp_folder,
+                **kwargs,
             )
-        if self.backend == "threading":
-            return ThreadPoolExecutor(self.n_jobs)
-        if self.backend == "dask":
-            from ._dask import DaskExecutor
+        if kind == "threading":
+            return ThreadPoolExecutor(self._workers, **kwargs)
+        from ._dask import DaskExecutor
 
-            return DaskExecutor(max_nbytes=self.max_nbytes)
-        return None
+        return DaskExecutor(max_nbytes=self.max_nbytes, **kwargs)
 
     def __enter__(self) -> Parallel:
         self._executor = self._make_executor()
@@ -287,25 +490,42 @@ class Parallel:
     # ------------------------------------------------------------------ run
     def __call__(self, iterable: Iterable[Call]) -> Any:
         """Run the calls; a list, or a generator as ``return_as`` says."""
-        if self._managed:
-            executor, owned = self._executor, False
-        else:
-            executor, owned = self._make_executor(), not isinstance(self.backend, Executor)
-        run = _Run(self, executor, owned, iter(iterable))
-        results = run.results()
+        with self._lock:
+            if self._running:
+                message = "This Parallel instance is already running !"
+                if self.return_as != "list":
+                    message += (
+                        " Before submitting new tasks, you must wait for the completion of all the previous "
+                        "tasks, or clean all references to the output generator."
+                    )
+                raise RuntimeError(message)
+            self._running = True
+        try:
+            if self._managed:
+                executor, owned = self._executor, False
+            else:
+                executor, owned = self._make_executor(), not isinstance(self.backend, Executor)
+            results = _Run(self, executor, owned, iterable).results()
+        except BaseException:
+            self._running = False
+            raise
+        next(results)  # sends the first batches now; from here the generator's clean-up ends the run
         if self.return_as == "list":
             return list(results)
         return results
+
+    def _done(self) -> None:
+        self._running = False
 
 
 class _Run:
     """One call of a Parallel: dispatch, collect, report, clean up."""
 
-    def __init__(self, parallel: Parallel, executor: Executor | None, owned: bool, calls: Iterator[Call]) -> None:
+    def __init__(self, parallel: Parallel, executor: Executor | None, owned: bool, calls: Iterable[Call]) -> None:
         self.p = parallel
         self.executor = executor
         self.owned = owned
-        self.calls = calls
+        self.calls: Iterator[Call] = calls  # type: ignore[assignment]  # made an iterator when the run starts
         self.scope = executor.new_scope() if isinstance(executor, QueueExecutor) else None
         self.completed = False
         self.done_queue: queue.SimpleQueue[tuple[Future[Any], int, int, float]] = queue.SimpleQueue()
@@ -314,25 +534,30 @@ class _Run:
         self.n_done = 0
         self.exhausted = False
         self.batch_size = 1 if parallel.batch_size == "auto" else int(parallel.batch_size)
-        if parallel.pre_dispatch is None and executor is not None:  # 'all': take every call now
-            everything = list(calls)
-            if parallel.batch_size == "auto":
-                self.batch_size = max(1, len(everything) // (8 * parallel.n_jobs))
-            self.calls = iter(everything)
         self.start = time.monotonic()
         self.bar = _ProgressBar(parallel.progress_bar)
-        if parallel.verbose:
-            kind = type(executor).__name__ if executor is not None else "sequential"
-            self.log(f"Using {kind} with {parallel.n_jobs} concurrent workers.")
 
     def log(self, message: str) -> None:
         print(f"[{self.p!r}]: {message}", file=sys.stderr, flush=True)
 
     def results(self) -> Iterator[Any]:
+        """The results; the first ``next()`` (by ``Parallel.__call__``) only starts the work."""
         try:
+            self.calls = iter(self.calls)
+            if self.p.verbose:
+                kind = type(self.executor).__name__ if self.executor is not None else "sequential"
+                self.log(f"Using {kind} with {self.p._workers} concurrent workers.")
             if self.executor is None:
+                yield _STARTED
                 yield from self._sequential()
             else:
+                if self.p.pre_dispatch is None:  # 'all': take every call now
+                    everything = list(self.calls)
+                    if self.p.batch_size == "auto":
+                        self.batch_size = max(1, len(everything) // (8 * self.p._workers))
+                    self.calls = iter(everything)
+                self._dispatch_some()
+                yield _STARTED
                 yield from self._parallel()
             if self.p.verbose:
                 self.log(f"Done {self.n_done} out of {self.n_done} | elapsed: {self._elapsed()} finished")
@@ -342,7 +567,11 @@ class _Run:
 
     # sequential ------------------------------------------------------------
     def _sequential(self) -> Iterator[Any]:
-        for index, (fn, args, kwargs) in enumerate(self.calls):
+        calls: Iterable[Call] = self.calls
+        if self.batch_size > 1:  # the input is read a batch at a time, as joblib does
+            batches = iter(lambda: list(itertools.islice(self.calls, self.batch_size)), [])
+            calls = itertools.chain.from_iterable(batches)
+        for index, (fn, args, kwargs) in enumerate(calls):
             value = fn(*args, **kwargs)
             self._completed(index, [value])
             yield value
@@ -374,7 +603,7 @@ class _Run:
         try:
             return self.done_queue.get(timeout=self.p.timeout)
         except queue.Empty:
-            raise TimeoutError(
+            raise ParallelTimeoutError(
                 f"no task finished within timeout={self.p.timeout} s; the remaining tasks were cancelled"
             ) from None
 
@@ -382,7 +611,6 @@ class _Run:
         ordered = self.p.return_as != "generator_unordered"
         waiting: dict[int, list[Any]] = {}  # first index -> values, for in-order delivery
         next_index = 0
-        self._dispatch_some()
         while self.in_flight:
             fut, first, count, sent = self._next_done()
             del self.in_flight[fut]
@@ -434,16 +662,19 @@ class _Run:
         killed after :data:`ABORT_GRACE` seconds), so the error is raised at
         once and the warm workers stay.
         """
-        in_flight = list(self.in_flight)
-        self.in_flight.clear()
-        if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
-            self.executor.abort(in_flight, grace=ABORT_GRACE)
-        else:
-            for fut in in_flight:
-                fut.cancel()
-        self.bar.close()
-        if self.owned and self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            in_flight = list(self.in_flight)
+            self.in_flight.clear()
+            if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
+                self.executor.abort(in_flight, grace=ABORT_GRACE)
+            else:
+                for fut in in_flight:
+                    fut.cancel()
+            self.bar.close()
+            if self.owned and self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.p._done()
 
 
 def _should_report(before: int, after: int, verbose: int) -> bool:

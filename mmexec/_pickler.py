@@ -73,8 +73,17 @@ def encode_task(task: Any, store: ArrayStore, holds: Holds, load: Callable[[Any]
 _local = threading.local()  # .maps: files mapped while loading one payload; .store: the decoding store
 
 
-def load_ref(ref: ArrayRef) -> np.memmap:
-    """Unpickling an array reference: map its file (once per payload) and view it."""
+def load_ref(ref: ArrayRef) -> np.ndarray:
+    """Unpickling an array reference: map its file (once per payload) and view it.
+
+    In a result, a reference to one of mmexec's own files (a task returned
+    a memory-mapped argument, or a view of one) gives the caller a plain,
+    writable copy, as joblib and ``ProcessPoolExecutor`` do, never a map of
+    a file it does not own: the copy is made here, from the file, instead of
+    through the pipe. A caller's own ``np.memmap`` comes back as a map of it.
+    """
+    if getattr(_local, "store", None) is not None and owner_of(ref.path) is not None:
+        return np.array(open_ref(ref, open_whole(ref.path, "r")), copy=True)
     maps: dict[tuple[str, str], np.memmap] | None = getattr(_local, "maps", None)
     key = (ref.path, ref.mode)
     whole = None if maps is None else maps.get(key)

@@ -83,6 +83,8 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = self._reduce_array(obj)
             if reduced is not None:
                 return reduced
+            if type(obj) is np.memmap:  # a small view of a map: its values, as a plain ndarray (as joblib)
+                return np.array(obj).__reduce_ex__(PROTOCOL)
         return super().reducer_override(obj)
 
     def _reduce_array(self, obj: np.ndarray) -> tuple[Any, tuple[ArrayRef]] | None:
