@@ -104,3 +104,19 @@ def held_fds(ex: Any) -> dict[str, int]:
 def live_dumps(ex: Any) -> list[str]:
     """Where the live dumps of an executor's store are (``... (deleted)`` once unlinked)."""
     return sorted(os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else path for path, fd in held_fds(ex).items())
+
+
+def touch(path: str) -> str:
+    """Create ``path`` (a cross-process event for :func:`wait_event`)."""
+    with open(path, "w"):
+        pass
+    return path
+
+
+def set_env_from_initializer(name: str, value: str) -> None:
+    """An initializer: record that it ran, in this process's environment."""
+    os.environ[name] = value
+
+
+def get_env(name: str) -> str | None:
+    return os.environ.get(name)

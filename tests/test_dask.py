@@ -356,3 +356,15 @@ def test_without_a_client_or_distributed_the_errors_say_what_to_do() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_parallel_on_dask_reports_an_unpicklable_argument_as_joblib(client):
+    """Parallel(backend='dask') raises joblib's PicklingError, from the original error."""
+    import pickle
+    import threading
+
+    from mmexec import Parallel, delayed
+
+    with pytest.raises(pickle.PicklingError, match="Could not pickle the task") as info:
+        Parallel(backend="dask")(delayed(repr)(threading.Lock()) for _ in range(2))
+    assert info.value.__cause__ is not None

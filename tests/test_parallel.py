@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from math import sqrt
 
 import loky
+import numpy as np
 import pytest
-from _tasks import add, raise_value_error, square, wait_event
+from _tasks import add, get_env, identity, raise_value_error, set_env_from_initializer, square, touch, wait_event
 
+import mmexec
 import mmexec._parallel as parallel_module
 from mmexec import MemmapExecutor, Parallel, delayed, parallel_config
 from mmexec._parallel import effective_n_jobs
@@ -241,3 +243,220 @@ def test_delayed_looks_like_the_function_and_captures_the_call():
     assert inspect.signature(d) == inspect.signature(add)
     with pytest.raises(TypeError, match="callable"):
         delayed(42)
+
+
+# ------------------------------------------------------- joblib parity (#11)
+RUNNING = ["loky", "threading", "sequential"]
+
+
+@pytest.mark.parametrize("backend", RUNNING)
+def test_a_running_instance_refuses_a_second_call_until_its_generator_is_gone(backend):
+    """As joblib: a second call while a returned generator is open raises; once it is gone, calls work."""
+    parallel = Parallel(n_jobs=2, backend=backend, return_as="generator")
+    first = parallel(delayed(square)(i) for i in range(10))
+    with pytest.raises(RuntimeError, match="already running"):
+        parallel(delayed(square)(i) for i in range(3))
+    assert next(first) == 0
+    del first  # closing the generator ends the run (and aborts what it still had in flight)
+    assert list(parallel(delayed(square)(i) for i in range(3))) == [0, 1, 4]
+
+
+def test_a_failed_call_leaves_the_instance_usable():
+    """An error inside a call ends the run: the same instance can be called again."""
+    parallel = Parallel(n_jobs=2)
+    with pytest.raises(ValueError, match="boom"):
+        parallel(delayed(raise_value_error)("boom") for _ in range(3))
+    assert parallel(delayed(square)(i) for i in range(3)) == [0, 1, 4]
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_timeout_is_also_multiprocessing_timeout_error(backend, tmp_path):
+    """joblib raises multiprocessing.TimeoutError; mmexec's error is that and the builtin TimeoutError."""
+    import multiprocessing
+
+    never = str(tmp_path / "never")
+    with pytest.raises(multiprocessing.TimeoutError) as info:
+        Parallel(n_jobs=2, backend=backend, timeout=0.3)(delayed(wait_event)(never, 5.0) for _ in range(2))
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, mmexec.ParallelTimeoutError)
+
+
+def test_integer_batch_size_reads_the_input_a_batch_at_a_time_with_one_job():
+    """n_jobs=1 with batch_size=5 takes 5 calls from the input before running the first, as joblib."""
+    source = Recorder(12)
+    out = Parallel(n_jobs=1, batch_size=5, return_as="generator")(source)
+    assert next(out) == 0 and source.taken == 5
+    assert list(out) == [i * i for i in range(1, 12)] and source.taken == 12
+
+
+def test_invalid_backends_are_reported_as_joblib_does():
+    """joblib's message, from Parallel and from parallel_config (at once, not at the first Parallel)."""
+    with pytest.raises(ValueError, match=r"Invalid backend: nope, expected one of \[.*'loky'.*'threading'"):
+        Parallel(backend="nope")
+    with pytest.raises(ValueError, match="Invalid backend: nope"):
+        parallel_config(backend="nope")
+    with pytest.raises(ValueError, match="Invalid backend"):
+        Parallel(backend=object())
+
+
+def test_prefer_processes_with_require_sharedmem_is_an_error():
+    """joblib raises for these inconsistent hints, from Parallel and from parallel_config."""
+    with pytest.raises(ValueError, match="inconsistent"):
+        Parallel(n_jobs=2, prefer="processes", require="sharedmem")
+    with parallel_config(prefer="processes", require="sharedmem"), pytest.raises(ValueError, match="inconsistent"):
+        Parallel(n_jobs=2)
+    with pytest.raises(ValueError, match="prefer=wrong is not a valid"):
+        Parallel(prefer="wrong")
+
+
+def test_require_sharedmem_overrides_a_block_backend_but_not_an_explicit_one():
+    """As joblib: a parallel_config process backend gives way to threads; Parallel(backend='loky') raises."""
+    with parallel_config(backend="loky", n_jobs=2):
+        assert Parallel(require="sharedmem").backend == "sequential"  # threads, with n_jobs=1 by default
+        assert Parallel(n_jobs=2, require="sharedmem").backend == "threading"
+    with pytest.raises(ValueError, match="does not support shared memory"):
+        Parallel(n_jobs=2, backend="loky", require="sharedmem")
+
+
+def test_an_argument_that_cannot_be_pickled_raises_joblibs_pickling_error():
+    """Parallel raises PicklingError('Could not pickle the task ...') from the original error, as joblib;
+    MemmapExecutor.submit keeps the standard library's behaviour (the original error). (dask: test_dask.py)"""
+    import pickle
+    import threading
+
+    with pytest.raises(pickle.PicklingError, match="Could not pickle the task to send it to the workers") as info:
+        Parallel(n_jobs=2)(delayed(identity)(threading.Lock()) for _ in range(2))
+    assert isinstance(info.value.__cause__, TypeError)
+    with MemmapExecutor(2) as ex:
+        with pytest.raises(TypeError, match="pickle"):
+            ex.submit(identity, threading.Lock()).result()
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+@pytest.mark.parametrize("via", ["Parallel", "parallel_config"])
+def test_backend_keyword_arguments_reach_the_executor(backend, via):
+    """initializer/initargs given to Parallel or parallel_config run in every worker, as joblib passes them."""
+    name = f"MMEXEC_TEST_INIT_{backend}_{via}".upper()
+    options = {"initializer": set_env_from_initializer, "initargs": (name, "ran")}
+    calls = (delayed(get_env)(name) for _ in range(4))
+    if via == "Parallel":
+        out = Parallel(n_jobs=2, backend=backend, **options)(calls)
+    else:
+        with parallel_config(backend, n_jobs=2, **options):
+            out = Parallel()(calls)
+    assert out == ["ran"] * 4
+    os.environ.pop(name, None)
+
+
+def test_inner_max_num_threads_caps_worker_threads():
+    """parallel_config('loky', inner_max_num_threads=1) sets the workers' BLAS/OpenMP thread caps."""
+    with parallel_config("loky", n_jobs=2, inner_max_num_threads=1):
+        assert set(Parallel()(delayed(get_env)("OMP_NUM_THREADS") for _ in range(4))) == {"1"}
+    with pytest.raises(ValueError, match="inner_max_num_threads"):
+        parallel_config("threading", inner_max_num_threads=1)
+
+
+def test_cpu_count_effective_n_jobs_and_parallel_backend():
+    """cpu_count(), effective_n_jobs(None) reading parallel_config, parallel_backend returning (backend, n_jobs)."""
+    assert mmexec.cpu_count() == loky.cpu_count() > 0
+    assert mmexec.effective_n_jobs() == loky.cpu_count()
+    assert mmexec.effective_n_jobs(None) == 1
+    with parallel_config("threading", n_jobs=3):
+        assert mmexec.effective_n_jobs(None) == 3 and Parallel().n_jobs == 3 and Parallel().backend == "threading"
+    with mmexec.parallel_backend("threading", n_jobs=2) as (backend, n_jobs):
+        assert (backend, n_jobs) == ("threading", 2)
+        assert Parallel().backend == "threading"
+    assert Parallel().backend == "sequential"
+
+
+@pytest.mark.parametrize("n_jobs", [np.int64(2), 2.0, 2.7])
+def test_numpy_and_float_n_jobs_are_accepted(n_jobs):
+    """n_jobs=np.int64(2) and 2.0 work; floats are rounded down, as joblib does."""
+    parallel = Parallel(n_jobs=n_jobs)
+    assert parallel.n_jobs == 2 and parallel.backend == "loky"
+    assert parallel(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+    with pytest.raises(ValueError, match="n_jobs"):
+        Parallel(n_jobs="two")
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_a_generator_call_starts_the_work_before_the_first_next(backend, tmp_path):
+    """As joblib, return_as='generator' dispatches at call time: a task runs although nobody iterates."""
+    flag = str(tmp_path / "ran")
+    out = Parallel(n_jobs=2, backend=backend, return_as="generator")(delayed(touch)(flag) for _ in range(1))
+    assert wait_event(flag, 30.0) == flag  # it ran, without a next()
+    assert list(out) == [flag]
+
+
+def test_delayed_pickles_and_copies():
+    """delayed(f) survives pickle, copy and cloudpickle, and still captures calls."""
+    import copy
+    import pickle
+
+    import cloudpickle
+
+    for clone in (pickle.loads(pickle.dumps(delayed(len))), copy.copy(delayed(len)), copy.deepcopy(delayed(add)),
+                  cloudpickle.loads(cloudpickle.dumps(delayed(add)))):
+        fn, args, kwargs = clone(1, b=2)
+        assert fn in (len, add) and args == (1,) and kwargs == {"b": 2}
+        assert clone.__name__ == fn.__name__ and clone.__module__ == fn.__module__
+
+
+def test_a_returned_memmapped_argument_comes_back_as_a_plain_array():
+    """As joblib: a task returning its memory-mapped argument (or a view) gives a private, writable ndarray
+    (process backends only: threads return the caller's own object)."""
+    a = np.arange(2**18, dtype=np.float64)  # 2 MiB: dumped and memory-mapped
+    whole, part = Parallel(n_jobs=2)(delayed(identity)(x) for x in (a, a[10:20]))
+    for got, expected in ((whole, a), (part, a[10:20])):
+        assert type(got) is np.ndarray and got.flags.writeable and np.array_equal(got, expected)
+    whole[0] = -1
+    assert a[0] == 0
+
+
+def test_registered_backend_runs_on_its_executor_and_is_shut_down():
+    """register_parallel_backend(name, factory): Parallel(backend=name) runs on factory(n_jobs, **kwargs)."""
+    made: list[ThreadPoolExecutor] = []
+
+    def factory(n_jobs, **kwargs):
+        made.append(ThreadPoolExecutor(n_jobs, thread_name_prefix="custom", **kwargs))
+        return made[-1]
+
+    mmexec.register_parallel_backend("custom-threads", factory)
+    try:
+        names = Parallel(n_jobs=2, backend="custom-threads")(delayed(_thread_name)() for _ in range(4))
+        assert all(n.startswith("custom") for n in names) and len(made) == 1
+        with pytest.raises(RuntimeError, match="shutdown"):
+            made[0].submit(square, 1)  # Parallel shut it down
+        with parallel_config("custom-threads", n_jobs=2):
+            assert Parallel()(delayed(square)(i) for i in range(3)) == [0, 1, 4] and len(made) == 2
+        mmexec.register_parallel_backend("custom-threads", lambda n: "not an executor")
+        with pytest.raises(TypeError, match="not a concurrent.futures.Executor"):
+            Parallel(n_jobs=2, backend="custom-threads")(delayed(square)(i) for i in range(3))
+    finally:
+        parallel_module._REGISTERED.pop("custom-threads", None)
+    with pytest.raises(ValueError, match="Invalid backend"):
+        Parallel(backend="custom-threads")
+
+
+def _thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name
+
+
+def test_a_joblib_program_runs_unchanged_with_the_import_swapped():
+    """tests/programs/joblib_style.py (nested Parallel, parallel_config, generators, a failing task, a timeout)
+    prints the same lines and ends with the same exception under joblib and under mmexec."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("joblib")
+    program = os.path.join(os.path.dirname(__file__), "programs", "joblib_style.py")
+    runs = {
+        lib: subprocess.run([sys.executable, program, lib], capture_output=True, text=True, timeout=120)
+        for lib in ("joblib", "mmexec")
+    }
+    ours, theirs = runs["mmexec"], runs["joblib"]
+    assert theirs.stdout.count("\n") == 8, theirs.stderr
+    assert ours.stdout == theirs.stdout
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.strip().splitlines()[-1] == theirs.stderr.strip().splitlines()[-1] == "ValueError: task 1 failed"
