@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from numbers import Integral
@@ -311,16 +312,39 @@ def effective_n_jobs(n_jobs: int | None = -1) -> int:
     return _workers(n_jobs)
 
 
+_nesting = threading.local()  # .depth: how many Parallel batches this thread is running (threads backend)
+
+
 def _run_batch(calls: list[Call]) -> Outcomes:
     """Run a batch in this process (threads, foreign executors)."""
     outcomes = Outcomes([])
-    for i, (fn, args, kwargs) in enumerate(calls):
-        try:
-            outcomes.values.append(fn(*args, **kwargs))
-        except Exception as exc:
-            outcomes.values.append(None)
-            outcomes.errors[i] = exc
+    _nesting.depth = getattr(_nesting, "depth", 0) + 1
+    try:
+        for i, (fn, args, kwargs) in enumerate(calls):
+            try:
+                outcomes.values.append(fn(*args, **kwargs))
+            except Exception as exc:
+                outcomes.values.append(None)
+                outcomes.errors[i] = exc
+    finally:
+        _nesting.depth -= 1
     return outcomes
+
+
+def _nesting_refusal(backend: Any) -> str | None:
+    """joblib's warning when a process backend is nested where joblib runs it with one job, else None.
+
+    Below a thread of a ``'threading'`` Parallel (each thread would start its
+    own pool of processes), and ``'multiprocessing'`` inside a worker.
+    """
+    if not isinstance(backend, str) or _BUILTIN.get(backend) != "loky":
+        return None
+    kind = "Multiprocessing" if backend == "multiprocessing" else "Loky"
+    if getattr(_nesting, "depth", 0) and threading.current_thread() is not threading.main_thread():
+        return f"{kind}-backed parallel loops cannot be nested below threads, setting n_jobs=1"
+    if backend == "multiprocessing" and in_worker():
+        return "Multiprocessing-backed parallel loops cannot be nested, setting n_jobs=1"
+    return None
 
 
 class Parallel:
@@ -410,6 +434,10 @@ class Parallel:
             requested = getattr(self.backend, "_max_workers", 1)
         self._workers = _workers(requested)
         self.n_jobs = 1 if requested is None else requested
+        refusal = _nesting_refusal(self.backend) if self._workers > 1 else None
+        if refusal is not None:
+            warnings.warn(refusal, UserWarning, stacklevel=2)
+            self._workers = 1
         if self._workers == 1 and not isinstance(self.backend, Executor) and self.backend != "dask":
             self.backend = "sequential"
         self.pre_dispatch = self._pre_dispatch_count(pre_dispatch)
@@ -505,6 +533,13 @@ class Parallel:
                 executor, owned = self._executor, False
             else:
                 executor, owned = self._make_executor(), not isinstance(self.backend, Executor)
+            if executor is None and self.timeout is not None:
+                warnings.warn(
+                    "The backend class 'SequentialBackend' does not support timeout. You have set "
+                    f"'timeout={self.timeout}' in Parallel but the 'timeout' parameter will not be used.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             results = _Run(self, executor, owned, iterable).results()
         except BaseException:
             self._running = False

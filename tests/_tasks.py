@@ -120,3 +120,16 @@ def set_env_from_initializer(name: str, value: str) -> None:
 
 def get_env(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def nested_parallel_warnings(backend: str) -> tuple[list[int], list[str], str]:
+    """Run a nested Parallel(n_jobs=2, backend=backend); its results, warnings and chosen backend."""
+    import warnings
+
+    from mmexec import Parallel, delayed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallel = Parallel(n_jobs=2, backend=backend)
+        values = parallel(delayed(abs)(-i) for i in range(3))
+    return values, [str(w.message) for w in caught], str(parallel.backend)

@@ -11,7 +11,17 @@ from math import sqrt
 import loky
 import numpy as np
 import pytest
-from _tasks import add, get_env, identity, raise_value_error, set_env_from_initializer, square, touch, wait_event
+from _tasks import (
+    add,
+    get_env,
+    identity,
+    nested_parallel_warnings,
+    raise_value_error,
+    set_env_from_initializer,
+    square,
+    touch,
+    wait_event,
+)
 
 import mmexec
 import mmexec._parallel as parallel_module
@@ -460,3 +470,34 @@ def test_a_joblib_program_runs_unchanged_with_the_import_swapped():
     assert ours.stdout == theirs.stdout
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.strip().splitlines()[-1] == theirs.stderr.strip().splitlines()[-1] == "ValueError: task 1 failed"
+
+
+@pytest.mark.parametrize(
+    "outer,inner,warning",
+    [
+        ("threading", "loky", "Loky-backed parallel loops cannot be nested below threads"),
+        ("threading", "multiprocessing", "Multiprocessing-backed parallel loops cannot be nested below threads"),
+        ("loky", "multiprocessing", "Multiprocessing-backed parallel loops cannot be nested, setting n_jobs=1"),
+        ("loky", "loky", None),
+    ],
+)
+def test_nested_process_backends_warn_and_run_sequentially_where_joblib_does(outer, inner, warning):
+    """As joblib: a process backend below threads, or 'multiprocessing' in a worker, warns and uses one job."""
+    values, warnings_seen, chosen = Parallel(n_jobs=2, backend=outer)(
+        delayed(nested_parallel_warnings)(inner) for _ in range(2)
+    )[0]
+    assert values == [0, 1, 2]
+    if warning is None:
+        assert warnings_seen == [] and chosen == "loky"
+    else:
+        assert len(warnings_seen) == 1 and warnings_seen[0].startswith(warning) and chosen == "sequential"
+
+
+def test_timeout_with_one_job_warns_that_it_is_not_used():
+    """Parallel(n_jobs=1, timeout=1) warns once, with joblib's message, and runs the calls."""
+    with pytest.warns(UserWarning) as caught:
+        assert Parallel(n_jobs=1, timeout=1)(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+    assert [str(w.message) for w in caught] == [
+        "The backend class 'SequentialBackend' does not support timeout. "
+        "You have set 'timeout=1' in Parallel but the 'timeout' parameter will not be used."
+    ]
