@@ -343,7 +343,15 @@ class MemmapStore:
         return dump.ref
 
     def _still_valid(self, dump: _Dump, a: np.ndarray, session: Session) -> bool:
-        """True when ``a`` is unchanged since it was dumped (checked once per session)."""
+        """True when ``a`` is unchanged since it was dumped: its layout every time, its bytes once per session.
+
+        An array reshaped, retyped or flattened in place (``a.shape = ...``,
+        ``a.dtype = ...``) keeps its bytes, so the bytes alone would let the
+        old dump, with its old shape and dtype, stand for it.
+        """
+        ref = dump.ref
+        if ref.shape != a.shape or ref.dtype != a.dtype or ref.order != layout_order(a):
+            return False
         if dump.key in session.checked:
             return True
         if dump.flat is None:

@@ -133,3 +133,8 @@ def nested_parallel_warnings(backend: str) -> tuple[list[int], list[str], str]:
         parallel = Parallel(n_jobs=2, backend=backend)
         values = parallel(delayed(abs)(-i) for i in range(3))
     return values, [str(w.message) for w in caught], str(parallel.backend)
+
+
+def layout(x: np.ndarray) -> tuple[tuple[int, ...], str, bool, float]:
+    """What a worker sees of an array's layout: shape, dtype, C-contiguity, and the sum of its values."""
+    return x.shape, x.dtype.str, bool(x.flags.c_contiguous), float(x.sum())

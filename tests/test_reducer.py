@@ -7,7 +7,7 @@ import gc
 
 import numpy as np
 import pytest
-from _tasks import describe, describe_tree, fill, identity, live_dumps, make_array, slice_of
+from _tasks import describe, describe_tree, fill, identity, layout, live_dumps, make_array, slice_of
 
 from mmexec import MemmapExecutor, has_shareable_memory
 from mmexec._memmap import backing_memmap
@@ -174,6 +174,20 @@ def test_array_mutated_between_submits_is_never_stale(mx):
     assert mx.submit(describe, a).result()["sum"] == 10
     a[-1] = 5
     assert mx.submit(describe, a).result()["sum"] == 15
+
+
+def test_shape_or_dtype_changed_in_place_is_never_stale(mx):
+    """Reshaping, retyping or flattening an array in place reaches the next task (same bytes, new layout)."""
+    a = np.arange(2**18, dtype=np.float64)
+    expected = layout(a)
+    assert mx.submit(layout, a).result() == expected
+    a.shape = (512, 512)
+    assert mx.submit(layout, a).result() == layout(a) == ((512, 512), "<f8", True, expected[3])
+    a.dtype = np.int64
+    assert mx.submit(layout, a).result() == layout(a)
+    a.shape = (-1,)
+    assert mx.submit(layout, a).result() == layout(a)
+    assert list(mx.map(layout, [a, a])) == [layout(a)] * 2
 
 
 def test_dump_is_deleted_when_array_and_tasks_are_gone(mx):
