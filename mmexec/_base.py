@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pickle
 import queue
 import threading
@@ -112,6 +113,17 @@ def finish_work_at_exit(pool: object) -> None:
 
 
 threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
+
+
+def _after_fork_in_child() -> None:
+    """The parent's executors are not this process's: fresh locks, and no work for them at exit."""
+    for core in list(_live_cores):
+        core.lock = threading.Lock()
+        core.closed = True
+    _live_cores.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class WorkItem:
@@ -204,10 +216,16 @@ class _Core:
         self.broken: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.closed = False
+        self.pid = os.getpid()  # a forked child may not use (nor close) its parent's executors
         _live_cores.add(self)
 
     # -- any thread ------------------------------------------------------
     def put(self, task: Task, scope: Session | None, batch: bool = False) -> Future[Any]:
+        if self.pid != os.getpid():
+            raise RuntimeError(
+                f"this executor was created in process {self.pid}, and this process is a fork of it: its "
+                "workers and files belong to that process. Create a new executor here."
+            )
         future: Future[Any] = Future()
         item = WorkItem(future, task, scope, batch)
         if self.thread is None:
@@ -288,7 +306,7 @@ class _Core:
         return [item.future for item in self.items if item.future is not None]
 
     def _close(self) -> None:
-        if not self.closed:
+        if not self.closed and self.pid == os.getpid():
             self.closed = True
             self.backend.close()
         _live_cores.discard(self)

@@ -139,6 +139,17 @@ def _own_pool(max_workers: int, context: Any = None, init: tuple[Any, ...] | Non
 _POOLS = _Pools()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child starts its own pools: its parent's loky pool (and its workers) are not the child's."""
+    _POOLS.__init__()  # type: ignore[misc]
+    storage = getattr(getattr(loky, "reusable_executor", None), "_executor_storage", None)
+    if storage is not None:  # loky keeps this thread's reusable pool here; forget the parent's
+        storage.executor = storage.executor_kwargs = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Lease:
     """An executor's hold on its pool; given back once, by shutdown() or when the executor is dropped."""
 

@@ -91,6 +91,18 @@ class SparePool:
         for spare in items:
             os.close(spare.fd)
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: the kept dumps are the parent's; close the child's copies, start afresh."""
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread = None
+        items, self._items = self._items, []
+        for spare in items:
+            try:
+                os.close(spare.fd)
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Free every kept dump and keep no more."""
         with self._lock:

@@ -66,6 +66,12 @@ __all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
 # reference path -> the store that keeps it open; lets any store hold a dump another made
 # (a result of one executor passed to another).
 _OWNERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
+#: Every live store of this process (the fork hooks visit them).
+_STORES: weakref.WeakSet[MemmapStore] = weakref.WeakSet()
+#: In a forked child: the paths of the files its parent's stores held at the fork. Maps of them
+#: inherited by the child show the parent's file, which the parent may reuse: the child passes such
+#: arrays by value (a dump of its own), never by that path.
+_INHERITED: set[str] = set()
 _PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
 #: Bytes of the last large result any executor of this process received: tasks are lent
 #: freed files of about this size for theirs (so back-to-back Parallel calls benefit too).
@@ -187,6 +193,7 @@ class MemmapStore:
         #: While the executor's manager thread runs: wakes it to apply queued releases (lock-free).
         self.waker: Callable[[], None] | None = None
         self.waker_pid = os.getpid()  # a forked child has no manager thread: it uses the janitor
+        _STORES.add(self)
 
     # -- folders ---------------------------------------------------------
     @property
@@ -318,6 +325,8 @@ class MemmapStore:
 
     def _memmap_ref(self, a: np.ndarray, mm: np.memmap, holds: Holds) -> ArrayRef | None:
         path = os.fspath(mm.filename)  # type: ignore[arg-type]
+        if path in _INHERITED:
+            return None  # the parent's file, seen through a map inherited at a fork: dumped anew
         owner = owner_of(path)
         if owner is not None:
             if not owner.hold(path):
@@ -465,6 +474,35 @@ class MemmapStore:
         weakref.finalize(whole, self.release_later, ref_path, True)
         return open_ref(ref, whole).view(np.ndarray)
 
+    # -- fork ------------------------------------------------------------
+    def _no_reuse(self) -> None:
+        with self._lock:
+            for record in self._files.values():
+                record.reuse = None
+
+    def _after_fork_in_child(self) -> None:
+        """This store is the parent's: in the child it only lets go of its copies of the descriptors.
+
+        Its folders, dumps and spares stay the parent's: the child never
+        removes, reuses or writes them.
+        """
+        self._lock = threading.RLock()  # another thread of the parent may have held them at the fork
+        self._apply_lock = threading.RLock()
+        self._released = queue.SimpleQueue()
+        self._drain_posted = False
+        self.waker = None
+        for path, record in list(self._files.items()):
+            record.reuse = None
+            if record.fd < 0 or not record.mapped:  # nothing of the child's needs it (never unlink: a name
+                del self._files[path]  # is the parent's)
+                if record.fd >= 0:
+                    os.close(record.fd)
+                    _DESCRIPTORS.add(-1)
+        self._dumps.clear()
+        self._lent.clear()
+        self._folders.clear()
+        self._closed = True
+
     # -- end -------------------------------------------------------------
     @property
     def closed(self) -> bool:
@@ -525,3 +563,23 @@ def _size(shape: tuple[int, ...]) -> int:
     for dim in shape:
         n *= dim
     return n
+
+
+# ------------------------------------------------------------------ fork
+def _after_fork_in_parent() -> None:
+    """A child now maps every file we hold: none of them may serve again for other data."""
+    for store in list(_STORES):
+        store._no_reuse()
+
+
+def _after_fork_in_child() -> None:
+    """Start clean: no spares, no reuse, fresh locks; the parent's files stay the parent's."""
+    _INHERITED.update(_OWNERS.keys())
+    _OWNERS.clear()
+    _DESCRIPTORS._lock = threading.Lock()
+    SPARES.after_fork_in_child()
+    for store in list(_STORES):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
