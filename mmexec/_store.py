@@ -53,6 +53,7 @@ from ._memmap import (
 from ._options import fallback_temp_folder, resolve_temp_folder
 from ._spares import SPARES, Spare
 from ._tempfolder import (
+    check_safe_folder,
     create_private_file,
     free_bytes,
     make_private_folder,
@@ -178,6 +179,8 @@ class MemmapStore:
         self.max_nbytes = max_nbytes
         self.mmap_mode = mmap_mode
         self._base, self._explicit = resolve_temp_folder(temp_folder)
+        if self._explicit:
+            check_safe_folder(self._base)  # at construction, not at the first large array
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
         self._files: dict[str, _File] = {}  # reference path -> the file's record

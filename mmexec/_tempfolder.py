@@ -22,12 +22,14 @@ from ._options import ENV_TEMP_FOLDER
 __all__ = [
     "FOLDER_PREFIX",
     "check_room",
+    "check_safe_folder",
     "create_private_file",
     "free_bytes",
     "no_room_error",
     "make_private_folder",
     "remove_private_folder",
     "sweep_stale_folders",
+    "unsafe_reason",
     "unlink_quietly",
 ]
 
@@ -77,14 +79,56 @@ def sweep_stale_folders(parent: str) -> None:
             continue
 
 
+def unsafe_reason(folder: str) -> str | None:
+    """Why another user could swap what mmexec puts in ``folder``, or None when it is safe.
+
+    Every folder from ``folder`` up to ``/`` must belong to this user or to
+    root, and must not be writable by others unless it has the sticky bit
+    (as ``/tmp`` and ``/dev/shm`` do): otherwise another user can rename our
+    private folder (or one above it) and put one of theirs in its place, and
+    then read the dumps and replace the results written there.
+    """
+    uid = os.getuid()
+    path = os.path.realpath(folder)
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:  # not there (yet), or not a folder: creating it will say so
+            st = None
+        if st is not None:
+            if st.st_uid not in (uid, 0):
+                return f"{path!r} belongs to another user (uid {st.st_uid})"
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+                return f"{path!r} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def check_safe_folder(folder: str) -> None:
+    """Raise :class:`TempFolderError` if ``folder`` is not safe for private data (:func:`unsafe_reason`)."""
+    reason = unsafe_reason(folder)
+    if reason is not None:
+        raise TempFolderError(
+            errno.EPERM,
+            f"temp folder {folder!r} is not safe for private data: {reason}, so another user could replace "
+            "the files mmexec writes there. Use a folder only you can write to, one with the sticky bit "
+            f"(like /tmp or /dev/shm), or leave temp_folder and {ENV_TEMP_FOLDER} unset.",
+        )
+
+
 def make_private_folder(parent: str) -> str:
     """Create ``parent/mmexec-<pid>-<random>`` with mode 0700 and track it."""
     sweep_stale_folders(parent)
     try:
         os.makedirs(parent, exist_ok=True)
+        check_safe_folder(parent)
         path = os.path.join(parent, f"{FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(12)}")
         os.mkdir(path, 0o700)
         os.chmod(path, 0o700)
+    except TempFolderError:
+        raise
     except OSError as exc:
         raise TempFolderError(
             exc.errno,

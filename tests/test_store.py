@@ -191,3 +191,38 @@ def test_memory_measure_counts_an_unlinked_dump_once():
         assert ex.submit(describe, b).result(timeout=60)["sum"] == 2.0 * b.size  # dumped, unlinked, held
         grown = tree_memory() - before
     assert 0.9 * b.nbytes <= grown <= 1.3 * b.nbytes, grown / b.nbytes
+
+
+@pytest.mark.parametrize("how", ["world-writable", "parent world-writable", "another user's", "via the variable"])
+def test_a_temp_folder_other_users_can_change_is_refused_at_construction(tmp_path, monkeypatch, how):
+    """A folder (or a folder above it) that another user can rename things in is refused with a clear error:
+    otherwise they could swap mmexec's private folder for theirs, read dumps and replace results."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    target = folder
+    if how == "world-writable":
+        folder.chmod(0o777)
+    elif how == "parent world-writable":
+        folder.chmod(0o777)
+        target = folder / "mine"
+        target.mkdir(mode=0o700)
+    elif how == "another user's":
+        if os.getuid() != 0:
+            pytest.skip("needs root to give a folder to another user")
+        os.chown(folder, 65534, 65534)
+    else:
+        folder.chmod(0o777)
+        monkeypatch.setenv("MMEXEC_TEMP_FOLDER", str(folder))
+    with pytest.raises(TempFolderError, match="not safe for private data") as info:
+        MemmapExecutor(1) if how == "via the variable" else MemmapExecutor(1, temp_folder=str(target))
+    assert str(folder) in str(info.value)
+    assert not [p for p in folder.rglob("*") if p.name.startswith("mmexec-")]
+
+
+def test_a_sticky_shared_folder_is_accepted(tmp_path):
+    """World-writable with the sticky bit (as /tmp and /dev/shm): others cannot rename our folder there."""
+    folder = tmp_path / "sticky"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    with MemmapExecutor(1, temp_folder=str(folder)) as ex:
+        assert ex.submit(describe, np.ones(2**18)).result()["type"] == "memmap"
