@@ -15,6 +15,7 @@ from loky import BrokenProcessPool
 
 from ._errors import (
     AbortedError,
+    FileChangedError,
     LocalMemmapError,
     MainGuardError,
     MmexecError,
@@ -43,6 +44,7 @@ __all__ = [
     "AbortedError",
     "BrokenProcessPool",
     "DaskExecutor",
+    "FileChangedError",
     "LocalMemmapError",
     "MainGuardError",
     "MemmapExecutor",

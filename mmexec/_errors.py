@@ -11,6 +11,7 @@ catches, so ``except OSError`` or ``except TypeError`` keeps working::
           +-- ResultError          (also RuntimeError)
           +-- AbortedError         (also concurrent.futures.CancelledError)
           +-- ParallelTimeoutError (also TimeoutError and multiprocessing.TimeoutError)
+          +-- FileChangedError     (also OSError)
 
 Worker deaths are reported with loky's ``TerminatedWorkerError``, a subclass
 of :class:`concurrent.futures.process.BrokenProcessPool`.
@@ -24,6 +25,7 @@ from concurrent.futures import CancelledError
 
 __all__ = [
     "AbortedError",
+    "FileChangedError",
     "LocalMemmapError",
     "MainGuardError",
     "MmexecError",
@@ -89,6 +91,18 @@ class ResultError(MmexecError, RuntimeError):
     The message names the cause (a missing file, too many open files, an
     object that cannot be unpickled) and what to do. Only that task's future
     fails: the workers and the other tasks are unaffected.
+
+    .. versionadded:: 0.2.0
+    """
+
+
+class FileChangedError(MmexecError, OSError):
+    """A task's ``np.memmap`` argument names a file that is no longer the one the caller mapped.
+
+    Memory-mapped arguments travel as their path; the worker checks that the
+    path still leads to the same file (device and inode) and fails the task
+    with this error when the file was replaced or deleted since the caller
+    mapped it, instead of reading another file's data.
 
     .. versionadded:: 0.2.0
     """

@@ -45,7 +45,9 @@ class ArrayRef:
     """What travels instead of an array: where its bytes are and how to view them.
 
     ``offset`` is the file offset of the first element; ``strides`` is None
-    for a dump laid out contiguously in ``order``.
+    for a dump laid out contiguously in ``order``. ``ident`` is the file's
+    ``(st_dev, st_ino)`` as the caller saw it, for a caller's own
+    ``np.memmap``: the worker checks that ``path`` still names that file.
     """
 
     path: str
@@ -55,6 +57,7 @@ class ArrayRef:
     offset: int
     order: str
     mode: str
+    ident: tuple[int, int] | None = None
 
 
 def _address(a: np.ndarray) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ._errors import ResultError
+from ._errors import FileChangedError, ResultError
 from ._memmap import ArrayRef, open_ref, open_whole
 from ._store import ArrayStore, Holds, MemmapStore, owner_of
 
@@ -104,12 +104,35 @@ def loads(data: bytes) -> Any:
 
 
 def _open_shared(ref: ArrayRef) -> np.memmap:
-    """Map a file; in the caller, keep it alive as long as the map if a store owns it."""
+    """Map a file; in the caller, keep it alive as long as the map if a store owns it.
+
+    A caller's own ``np.memmap`` (``ref.ident`` set) must still be the same
+    file: else :class:`~mmexec.FileChangedError`.
+    """
+    if ref.ident is not None:
+        _check_identity(ref)
     whole = open_whole(ref.path, ref.mode)
     store = owner_of(ref.path)
     if store is not None and store.hold(ref.path, mapped=True):
         weakref.finalize(whole, store.release_later, ref.path, True)
     return whole
+
+
+def _check_identity(ref: ArrayRef) -> None:
+    assert ref.ident is not None
+    try:
+        st = os.stat(ref.path)
+    except OSError as exc:
+        raise FileChangedError(
+            exc.errno, f"the np.memmap passed to this task maps {ref.path!r}, which cannot be opened here "
+            f"({exc.strerror}): it was deleted or moved after the caller mapped it"
+        ) from exc
+    if (st.st_dev, st.st_ino) != ref.ident:
+        raise FileChangedError(
+            errno.ESTALE, f"the np.memmap passed to this task maps {ref.path!r}, but that path now names "
+            "another file (replaced after the caller mapped it): the task was not run on the wrong data. "
+            "Map the file again (np.memmap / np.load(mmap_mode=...)) to pass the new one."
+        )
 
 
 # ---------------------------------------------------------------- caller

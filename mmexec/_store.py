@@ -331,12 +331,16 @@ class MemmapStore:
         if path in _INHERITED:
             return None  # the parent's file, seen through a map inherited at a fork: dumped anew
         owner = owner_of(path)
+        ident = None
         if owner is not None:
             if not owner.hold(path):
                 return None  # its file is gone: treat ``a`` as an ordinary array
             holds.files.append((owner, path))
+        else:  # a caller's own np.memmap: by its path as seen from any process, and its identity
+            path = _from_any_process(path)
+            ident = _identity(mm, path)
         mode = "r+" if mm.mode in ("r+", "w+") else "r"
-        return ArrayRef(path, a.dtype, a.shape, a.strides, file_offset_of(a, mm), "C", mode)
+        return ArrayRef(path, a.dtype, a.shape, a.strides, file_offset_of(a, mm), "C", mode, ident)
 
     def _dump_ref(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:
         key = id(a)
@@ -566,6 +570,31 @@ def _size(shape: tuple[int, ...]) -> int:
     for dim in shape:
         n *= dim
     return n
+
+
+def _from_any_process(path: str) -> str:
+    """``path`` as another process must open it: ``/proc/self/...`` and ``/dev/fd/N`` name the caller's."""
+    for alias, real in (("/proc/self/", f"/proc/{os.getpid()}/"), ("/dev/fd/", f"/proc/{os.getpid()}/fd/"),
+                        ("/proc/thread-self/", f"/proc/{os.getpid()}/task/{threading.get_native_id()}/")):
+        if path.startswith(alias):
+            return real + path[len(alias):]
+    return path
+
+
+def _identity(mm: np.memmap, path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file ``mm`` maps, as first seen by mmexec (kept on the memmap)."""
+    ident: tuple[int, int] | None = getattr(mm, "_mmexec_ident", None)
+    if ident is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        ident = (st.st_dev, st.st_ino)
+        try:
+            mm._mmexec_ident = ident  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return ident
 
 
 # ------------------------------------------------------------------ fork

@@ -36,6 +36,7 @@ import cloudpickle
 import numpy as np
 from loky import BrokenProcessPool
 
+from ._errors import FileChangedError
 from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, write_array
 from ._pickler import PROTOCOL, load_ref, load_result, loads
 from ._records import Batch, Call, Outcomes, Task
@@ -361,8 +362,8 @@ def _run_payload(payload: bytes) -> Outcomes:
     try:
         task = loads(payload)
     except BaseException as exc:
-        if isinstance(exc, TaskAborted):
-            raise
+        if isinstance(exc, (TaskAborted, FileChangedError)):
+            raise  # (a changed file fails this task only)
         # As in ProcessPoolExecutor, a task that cannot be rebuilt in the worker breaks
         # the executor (here without killing the shared worker).
         raise BrokenProcessPool(

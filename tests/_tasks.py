@@ -138,3 +138,12 @@ def nested_parallel_warnings(backend: str) -> tuple[list[int], list[str], str]:
 def layout(x: np.ndarray) -> tuple[tuple[int, ...], str, bool, float]:
     """What a worker sees of an array's layout: shape, dtype, C-contiguity, and the sum of its values."""
     return x.shape, x.dtype.str, bool(x.flags.c_contiguous), float(x.sum())
+
+
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def add_into(a: np.ndarray, value: float) -> None:
+    """Add ``value`` to every element of ``a`` in place (a writable memmap)."""
+    a += value

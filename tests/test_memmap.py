@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -49,3 +52,47 @@ def test_has_shareable_memory_follows_the_base_chain(tmp_path):
     assert has_shareable_memory(np.asarray(m[2:5]))
     assert not has_shareable_memory(np.array(m[2:5]))
     assert not has_shareable_memory(np.ones(3)) and not has_shareable_memory([1, 2])
+
+
+def test_a_memfd_mapped_through_proc_self_reaches_workers(mx):
+    """An np.memmap of /proc/self/fd/N (a memfd) names the caller's descriptor, not the worker's own fd N."""
+    from _tasks import add_into, total
+
+    n = 2**18
+    fd = os.memfd_create("mmexec-test")
+    try:
+        os.ftruncate(fd, 8 * n)
+        m = np.memmap(f"/proc/self/fd/{fd}", dtype=np.float64, mode="r+", shape=(n,))
+        m[:] = 3.0
+        assert mx.submit(total, m).result() == 3.0 * n
+        mx.submit(add_into, m, 1.0).result()  # written through the same file (mode r+)
+        assert float(m[0]) == 4.0
+        del m
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_memmap_whose_file_changed_fails_that_task_clearly(mx, tmp_path, change):
+    """A file replaced (or deleted) at the path of a caller's np.memmap fails that task with FileChangedError,
+    never runs it on another file's data, and the executor stays usable."""
+    from _tasks import total
+
+    import mmexec
+
+    n = 2**18
+    path = tmp_path / "data.bin"
+    m = np.memmap(path, dtype=np.float64, mode="w+", shape=(n,))
+    m[:] = 1.0
+    m.flush()
+    assert mx.submit(total, m).result() == n
+    if change == "replaced":
+        other = tmp_path / "other.bin"
+        np.full(n, 7.0).tofile(other)
+        os.replace(other, path)
+    else:
+        os.unlink(path)
+    with pytest.raises(mmexec.FileChangedError, match=re.escape(str(path))):
+        mx.submit(total, m).result()
+    assert float(m.sum()) == n  # the caller's map still shows its own file
+    assert mx.submit(total, np.ones(10)).result() == 10.0
