@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +116,23 @@ def layout_order(a: np.ndarray) -> str:
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
-def write_array(fd: int, path: str, a: np.ndarray) -> None:
-    """Write ``a``'s bytes at the start of ``fd``; on a full disk remove ``path`` and raise TempFolderError."""
+#: Serializes space reservations of this process: two threads that each reserve part of the room
+#: they need before finding there is not enough for both would both fail.
+_RESERVE_LOCK = threading.Lock()
+
+
+def write_array(fd: int, path: str, a: np.ndarray, reserve: bool = False) -> None:
+    """Write ``a``'s bytes at the start of ``fd``; on a full disk remove ``path`` and raise TempFolderError.
+
+    ``reserve`` (a new file) first reserves the whole size (``posix_fallocate``,
+    one thread at a time), so that concurrent dumps into a nearly full folder
+    either get all their room or fail at once, instead of all failing halfway.
+    """
     pos = 0
     try:
+        if reserve and a.nbytes:
+            with _RESERVE_LOCK:
+                os.posix_fallocate(fd, 0, a.nbytes)
         for block in _contiguous_blocks(a):
             view = memoryview(block)  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
             while view:

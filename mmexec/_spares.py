@@ -83,10 +83,11 @@ class SparePool:
             self._items.remove(best)
             return best
 
-    def drop(self) -> None:
-        """Free every kept dump now (the pool stays usable)."""
+    def drop(self, where: str | None = None) -> None:
+        """Free every kept dump now, or those made in the temp folder ``where`` (the pool stays usable)."""
         with self._lock:
-            items, self._items = self._items, []
+            items = [s for s in self._items if where is None or s.where == where]
+            self._items = [s for s in self._items if s not in items]
             self._wake.notify()
         for spare in items:
             os.close(spare.fd)

@@ -398,7 +398,7 @@ class MemmapStore:
         folder = self._folder_for(a.nbytes)
         fd, path = create_private_file(folder)
         try:
-            write_array(fd, path, a)
+            write_array(fd, path, a, reserve=True)
         except BaseException:
             os.close(fd)
             unlink_quietly(path)
@@ -547,6 +547,8 @@ class MemmapStore:
             self.release(path)
         for folder in folders:
             remove_private_folder(folder)
+        if self._explicit:  # a folder the user chose may be unmounted next: hold nothing there
+            self._spares.drop(where=self._base)
 
 
 class _ForgetWhenFreed:

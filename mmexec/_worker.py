@@ -118,7 +118,7 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
 def _write_result(fd: int, path: str, a: np.ndarray) -> ArrayRef | None:
     """Write a result into ``fd`` (then closed); its reference, or None if the write failed."""
     try:
-        write_array(fd, path, a)
+        write_array(fd, path, a, reserve=True)
     except OSError:
         return None
     finally:

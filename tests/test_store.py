@@ -226,3 +226,68 @@ def test_a_sticky_shared_folder_is_accepted(tmp_path):
     folder.chmod(0o1777)
     with MemmapExecutor(1, temp_folder=str(folder)) as ex:
         assert ex.submit(describe, np.ones(2**18)).result()["type"] == "memmap"
+
+
+@pytest.fixture
+def tmpfs_64m(tmp_path) -> Iterator[str]:
+    """A real 64 MiB tmpfs (needs root and mount); skipped where that is not allowed."""
+    mnt = tmp_path / "t64"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_two_threads_dumping_into_a_folder_with_room_for_one_do_not_both_fail(tmpfs_64m, monkeypatch):
+    """Each dump reserves its whole size first: of two 40 MiB dumps racing into 64 MiB, one gets its room;
+    the other fails (or, if the first was freed, succeeds) with an honest error, and nothing is left."""
+    import threading
+
+    monkeypatch.setattr(store_module, "free_bytes", lambda f: 2**40)  # both pass the free-space check at once
+
+    barrier = threading.Barrier(2)
+    outcomes: list[object] = [None, None]
+
+    def dump_one(i: int) -> None:
+        with MemmapExecutor(1, temp_folder=tmpfs_64m) as ex:
+            a = np.full(40 * 2**20 // 8, float(i))
+            barrier.wait()
+            try:
+                outcomes[i] = ex.submit(describe, a).result()["sum"]
+            except TempFolderError as exc:
+                outcomes[i] = exc
+
+    for _ in range(3):
+        threads = [threading.Thread(target=dump_one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        sums = [o for o in outcomes if isinstance(o, float)]
+        errors = [o for o in outcomes if isinstance(o, TempFolderError)]
+        assert len(sums) + len(errors) == 2 and sums, outcomes
+        assert sorted(sums) == sorted(float(i) * 40 * 2**20 // 8 for i, o in enumerate(outcomes) if isinstance(o, float))
+        for exc in errors:
+            assert "41,943,040 bytes needed" in str(exc)
+        assert os.listdir(tmpfs_64m) == []
+
+
+def test_shutdown_frees_everything_in_a_chosen_folder_so_it_can_be_unmounted(tmpfs_64m):
+    """After the with block nothing holds the folder's file system: freed files kept for reuse are closed too."""
+    with MemmapExecutor(1, temp_folder=tmpfs_64m) as ex:
+        a = np.ones(2**20)
+        assert ex.submit(describe, a).result()["sum"] == 2**20
+        r = ex.submit(np.full, 2**20, 2.0).result()  # a result file, freed below
+        del a, r
+        gc.collect()
+    gc.collect()
+    assert [s for s in store_module.SPARES._items if s.where == tmpfs_64m] == []
+    assert subprocess.run(["umount", tmpfs_64m], capture_output=True).returncode == 0  # not busy
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", tmpfs_64m], check=True)
