@@ -273,7 +273,8 @@ def test_two_threads_dumping_into_a_folder_with_room_for_one_do_not_both_fail(tm
         sums = [o for o in outcomes if isinstance(o, float)]
         errors = [o for o in outcomes if isinstance(o, TempFolderError)]
         assert len(sums) + len(errors) == 2 and sums, outcomes
-        assert sorted(sums) == sorted(float(i) * 40 * 2**20 // 8 for i, o in enumerate(outcomes) if isinstance(o, float))
+        expected = [float(i) * 40 * 2**20 // 8 for i, o in enumerate(outcomes) if isinstance(o, float)]
+        assert sorted(sums) == sorted(expected)
         for exc in errors:
             assert "41,943,040 bytes needed" in str(exc)
         assert os.listdir(tmpfs_64m) == []
