@@ -326,6 +326,8 @@ class _MemmapBackend:
         assert inner is not None
         exc = inner.exception()
         if exc is not None:
+            if isinstance(exc, BrokenProcessPool):  # a worker died, maybe while writing a result file
+                self.store.sweep_partial_results()
             if isinstance(exc, BrokenProcessPool) and self._pools.get(item.slot) in _KILLED_POOLS:
                 raise _PoolKilledByAbort(
                     "the worker running this task was killed by MemmapExecutor.abort() (of this executor or "

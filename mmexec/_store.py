@@ -50,7 +50,7 @@ from ._memmap import (
     same_bytes,
     write_array,
 )
-from ._options import fallback_temp_folder, resolve_temp_folder
+from ._options import SHM_FOLDER, fallback_temp_folder, resolve_temp_folder
 from ._spares import SPARES, Spare
 from ._tempfolder import (
     check_safe_folder,
@@ -59,6 +59,8 @@ from ._tempfolder import (
     make_private_folder,
     no_room_error,
     remove_private_folder,
+    sweep_partial_results,
+    sweep_stale_folders,
     unlink_quietly,
 )
 
@@ -181,6 +183,10 @@ class MemmapStore:
         self._base, self._explicit = resolve_temp_folder(temp_folder)
         if self._explicit:
             check_safe_folder(self._base)  # at construction, not at the first large array
+        # What a process killed with its whole group left (its folder, loky's semaphores in /dev/shm):
+        # removed when the next executor is created, wherever its own files go.
+        for parent in dict.fromkeys((self._base, SHM_FOLDER)):
+            sweep_stale_folders(parent)
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
         self._files: dict[str, _File] = {}  # reference path -> the file's record
@@ -212,6 +218,13 @@ class MemmapStore:
             if folder is None:
                 folder = self._folders[base] = make_private_folder(base)
             return folder
+
+    def sweep_partial_results(self) -> None:
+        """Remove the named files that dead workers were writing results into (after a worker died)."""
+        with self._lock:
+            folders = list(self._folders.values())
+        for folder in folders:
+            sweep_partial_results(folder)
 
     def owns_folder(self, folder: str) -> bool:
         with self._lock:

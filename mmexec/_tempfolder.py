@@ -28,6 +28,7 @@ __all__ = [
     "no_room_error",
     "make_private_folder",
     "remove_private_folder",
+    "sweep_partial_results",
     "sweep_stale_folders",
     "unsafe_reason",
     "unlink_quietly",
@@ -37,6 +38,8 @@ FOLDER_PREFIX = "mmexec-"
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
+#: Result files being written by a worker: ``w<worker pid>-<random>.mmap``.
+_WRITER_PREFIX = "w"
 #: loky's named semaphores, ``/dev/shm/sem.loky-<pid>-<random>``.
 _LOKY_SEMAPHORE_PREFIX = "sem.loky-"
 
@@ -146,11 +149,53 @@ def remove_private_folder(path: str) -> None:
     resource_tracker.unregister(path, "folder")
 
 
-def create_private_file(folder: str, suffix: str = ".mmap") -> tuple[int, str]:
-    """Create a new 0600 file with an unguessable name; return ``(fd, path)``."""
-    path = os.path.join(folder, secrets.token_hex(16) + suffix)
+def create_private_file(folder: str, suffix: str = ".mmap", writer: int | None = None) -> tuple[int, str]:
+    """Create a new 0600 file with an unguessable name; return ``(fd, path)``.
+
+    ``writer``: the pid of the worker that creates it for a result (named
+    ``w<pid>-...``), so that :func:`sweep_partial_results` can remove it if
+    that worker dies before the caller took it.
+    """
+    prefix = "" if writer is None else f"{_WRITER_PREFIX}{writer}-"
+    path = os.path.join(folder, prefix + secrets.token_hex(16) + suffix)
     fd = os.open(path, _FILE_FLAGS, 0o600)
     return fd, path
+
+
+def _dead(pid: int) -> bool:
+    """True when ``pid`` no longer runs here (gone, or a zombie not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sweep_partial_results(folder: str) -> list[str]:
+    """Remove the result files in our ``folder`` whose writing worker died (partial writes); their paths."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(_WRITER_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_WRITER_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if _dead(pid):
+            unlink_quietly(entry.path)
+            removed.append(entry.path)
+    return removed
 
 
 def unlink_quietly(path: str) -> None:

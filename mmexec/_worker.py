@@ -109,7 +109,7 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
         if ref is not None:
             return ref
         try:
-            fd, path = create_private_file(self._ctx.folder)
+            fd, path = create_private_file(self._ctx.folder, writer=os.getpid())
         except OSError:
             return None
         return _write_result(fd, path, a)  # None if there is no room: then it goes through the pipe

@@ -147,3 +147,12 @@ def total(a: np.ndarray) -> float:
 def add_into(a: np.ndarray, value: float) -> None:
     """Add ``value`` to every element of ``a`` in place (a writable memmap)."""
     a += value
+
+
+def die_while_writing_a_result(folder: str) -> None:
+    """Leave what a worker killed while writing a large result leaves: a named partial file, then die."""
+    from mmexec._tempfolder import create_private_file
+
+    fd, _ = create_private_file(folder, writer=os.getpid())
+    os.write(fd, b"\0" * 4096)
+    os._exit(9)

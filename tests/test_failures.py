@@ -279,3 +279,68 @@ def test_mapped_arrays_do_not_make_loky_recycle_workers():
         second = ex.submit(touch_all_then_wait, a, 1.2).result(timeout=60)
         last = ex.submit(os.getpid).result(timeout=60)
     assert reference == first == second == last
+
+
+def test_a_worker_dying_while_writing_a_result_leaves_no_named_file(tmp_path):
+    """The partial result file of a worker that died mid-write is removed as soon as the caller sees the
+    death, not at shutdown: result files carry their writer's pid."""
+    from _tasks import die_while_writing_a_result
+
+    with MemmapExecutor(1, temp_folder=str(tmp_path)) as ex:
+        folder = ex._store.folder
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(die_while_writing_a_result, folder).result(timeout=60)
+        assert os.listdir(folder) == []
+
+
+KILL_LOOP = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from mmexec import MemmapExecutor
+
+    def grow(a):
+        return np.concatenate([a, a])  # a large result, written by the worker into the caller's folder
+
+    if __name__ == "__main__":
+        rng = np.random.default_rng(int(sys.argv[2]))
+        with MemmapExecutor(2, temp_folder=sys.argv[1]) as ex:
+            for i in range(10_000):
+                a = rng.random(int(rng.integers(2**17, 2**21)))  # 1-16 MiB: dumped
+                futures = [ex.submit(grow, a) for _ in range(3)]
+                if i == 1:
+                    print("busy", flush=True)
+                for f in futures:
+                    f.result()
+    """
+)
+
+
+@pytest.mark.slow
+def test_twenty_process_group_kills_mid_work_leave_nothing_once_the_next_executor_starts(tmp_path):
+    """SIGKILL of the whole process group (caller, workers, loky's tracker) while dumps and results are being
+    written, 20 times: once the next executor is created, nothing of theirs is left in the temp folder or
+    /dev/shm (their folders, partial results, loky's semaphores)."""
+    import random
+
+    folder = tmp_path / "temp"
+    folder.mkdir(mode=0o700)
+    script = tmp_path / "loop.py"
+    script.write_text(KILL_LOOP)
+    killed = []
+    for run in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(folder), str(run)], stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "busy"
+        time.sleep(random.uniform(0.0, 0.3))  # not synchronisation: a random moment of the work to kill at
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        killed.append(proc.pid)
+    with MemmapExecutor(1, temp_folder=str(folder)) as ex:
+        assert ex.submit(describe, np.ones(10)).result(timeout=60)["sum"] == 10.0
+    assert [n for n in os.listdir(folder) if any(n.startswith(f"mmexec-{pid}-") for pid in killed)] == []
+    shm = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    assert [n for n in shm if any(n.startswith((f"sem.loky-{p}-", f"mmexec-{p}-")) for p in killed)] == []
