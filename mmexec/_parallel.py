@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import loky
 
 from ._base import QueueExecutor
-from ._errors import ParallelTimeoutError
+from ._errors import AbortedError, ParallelTimeoutError
 from ._executor import MemmapExecutor
 from ._options import DEFAULT_MAX_NBYTES
 from ._records import Outcomes
@@ -164,6 +164,35 @@ def cpu_count(only_physical_cores: bool = False) -> int:
     return int(loky.cpu_count(only_physical_cores=only_physical_cores))
 
 
+class _BackendOptionError(ValueError, AssertionError):
+    """An option the chosen backend cannot take (also an AssertionError, which joblib raises there)."""
+
+
+class BackendName(str):
+    """A backend's name as ``parallel_config`` gives it, with joblib's ``nesting_level``.
+
+    ``nesting_level`` is 0 in the caller and 1 inside a task of a
+    ``Parallel`` (in a worker process or a worker thread), as joblib's
+    backend objects say.
+
+    .. versionadded:: 0.2.0
+    """
+
+    nesting_level: int
+
+    def __new__(cls, name: str, nesting_level: int = 0) -> BackendName:
+        self = super().__new__(cls, name)
+        self.nesting_level = nesting_level
+        return self
+
+
+_nesting = threading.local()  # .depth: how many Parallel batches this thread is running (threads backend)
+
+
+def _nesting_level() -> int:
+    return (1 if in_worker() else 0) + getattr(_nesting, "depth", 0)
+
+
 # ------------------------------------------------------------------ config
 _DEFAULTS: dict[str, Any] = {
     "n_jobs": None,
@@ -224,7 +253,7 @@ class parallel_config:  # noqa: N801 - joblib's name
             if inner_max_num_threads is not None and isinstance(backend, str) and _BUILTIN.get(backend) in (
                 "threading", "sequential"
             ):
-                raise ValueError(
+                raise _BackendOptionError(
                     f"backend {backend!r} does not accept setting the inner_max_num_threads argument: "
                     "it runs tasks in this process"
                 )
@@ -239,7 +268,10 @@ class parallel_config:  # noqa: N801 - joblib's name
         self._tokens.append(_config.set({**(_config.get() or {}), **self._options}))
 
     def __enter__(self) -> dict[str, Any]:
-        return {**_DEFAULTS, **(_config.get() or {})}
+        config = {**_DEFAULTS, **(_config.get() or {})}
+        if isinstance(config["backend"], str):
+            config["backend"] = BackendName(config["backend"], _nesting_level())
+        return config
 
     def __exit__(self, *exc: object) -> None:
         self.unregister()
@@ -310,9 +342,6 @@ def effective_n_jobs(n_jobs: int | None = -1) -> int:
     if n_jobs is None:
         n_jobs = (_config.get() or {}).get("n_jobs")
     return _workers(n_jobs)
-
-
-_nesting = threading.local()  # .depth: how many Parallel batches this thread is running (threads backend)
 
 
 def _run_batch(calls: list[Call]) -> Outcomes:
@@ -445,6 +474,7 @@ class Parallel:
         self._managed = False
         self._lock = threading.Lock()
         self._running = False
+        self._run: _Run | None = None  # the call running now (its generator may still be open)
 
     # ---------------------------------------------------------------- setup
     @staticmethod
@@ -507,10 +537,15 @@ class Parallel:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Shut the block's executor down; a call whose generator is still open is aborted first (as joblib)."""
         self._managed = False
         executor, self._executor = self._executor, None
+        run = self._run
+        if run is not None:
+            run.abort()
         if executor is not None and executor is not self.backend:
-            executor.shutdown(wait=True, cancel_futures=True)
+            # threads cannot be interrupted: after an abort, do not wait for the running ones
+            executor.shutdown(wait=run is None or isinstance(executor, QueueExecutor), cancel_futures=True)
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs})"
@@ -540,9 +575,10 @@ class Parallel:
                     UserWarning,
                     stacklevel=2,
                 )
-            results = _Run(self, executor, owned, iterable).results()
+            self._run = run = _Run(self, executor, owned, iterable)
+            results = run.results()
         except BaseException:
-            self._running = False
+            self._running, self._run = False, None
             raise
         next(results)  # sends the first batches now; from here the generator's clean-up ends the run
         if self.return_as == "list":
@@ -550,7 +586,7 @@ class Parallel:
         return results
 
     def _done(self) -> None:
-        self._running = False
+        self._running, self._run = False, None
 
 
 class _Run:
@@ -568,6 +604,7 @@ class _Run:
         self.n_dispatched = 0
         self.n_done = 0
         self.exhausted = False
+        self.aborted = False
         self.batch_size = 1 if parallel.batch_size == "auto" else int(parallel.batch_size)
         self.start = time.monotonic()
         self.bar = _ProgressBar(parallel.progress_bar)
@@ -661,6 +698,11 @@ class _Run:
                 chunk = waiting.pop(next_index)
                 next_index += len(chunk)
                 yield from chunk
+        if self.aborted:
+            raise AbortedError(
+                "this Parallel call was aborted before all its results were taken: its `with Parallel(...)` "
+                "block ended while the generator it returned was still open"
+            )
 
     def _values(self, fut: Future[Any]) -> list[Any]:
         values: list[Any] = fut.result().checked()
@@ -698,18 +740,25 @@ class _Run:
         once and the warm workers stay.
         """
         try:
-            in_flight = list(self.in_flight)
-            self.in_flight.clear()
-            if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
-                self.executor.abort(in_flight, grace=ABORT_GRACE)
-            else:
-                for fut in in_flight:
-                    fut.cancel()
+            self.abort()
             self.bar.close()
             if self.owned and self.executor is not None:
-                self.executor.shutdown(wait=True, cancel_futures=True)
+                # threads cannot be interrupted: after an error, do not wait for the running ones (as joblib)
+                wait = self.completed or isinstance(self.executor, QueueExecutor)
+                self.executor.shutdown(wait=wait, cancel_futures=True)
         finally:
             self.p._done()
+
+    def abort(self) -> None:
+        """Stop this call's tasks in flight: cancel those not started, interrupt the running ones."""
+        self.aborted = not self.completed
+        in_flight = list(self.in_flight)
+        self.in_flight.clear()
+        if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
+            self.executor.abort(in_flight, grace=ABORT_GRACE)
+        else:
+            for fut in in_flight:
+                fut.cancel()
 
 
 def _should_report(before: int, after: int, verbose: int) -> bool:

@@ -156,3 +156,11 @@ def die_while_writing_a_result(folder: str) -> None:
     fd, _ = create_private_file(folder, writer=os.getpid())
     os.write(fd, b"\0" * 4096)
     os._exit(9)
+
+
+def backend_nesting_level(backend: str) -> int:
+    """The nesting_level that parallel_config(backend) reports here."""
+    from mmexec import parallel_config
+
+    with parallel_config(backend) as config:
+        return int(config["backend"].nesting_level)

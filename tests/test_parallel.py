@@ -501,3 +501,41 @@ def test_timeout_with_one_job_warns_that_it_is_not_used():
         "The backend class 'SequentialBackend' does not support timeout. "
         "You have set 'timeout=1' in Parallel but the 'timeout' parameter will not be used."
     ]
+
+
+@pytest.mark.parametrize("outer", ["loky", "threading"])
+def test_parallel_config_reports_joblibs_nesting_level(outer):
+    """parallel_config gives the backend's name with joblib's nesting_level: 0 in the caller, 1 in a task."""
+    from _tasks import backend_nesting_level
+
+    with parallel_config(outer) as config:
+        assert config["backend"] == outer and config["backend"].nesting_level == 0
+    with mmexec.parallel_backend(outer) as (backend, n_jobs):
+        assert backend == outer and backend.nesting_level == 0 and n_jobs == -1
+    assert Parallel(n_jobs=2, backend=outer)(delayed(backend_nesting_level)("threading") for _ in range(3)) == [1] * 3
+
+
+def test_inner_max_num_threads_on_a_thread_backend_is_refused_as_joblib_does():
+    """joblib asserts; mmexec raises an error that is both ValueError and AssertionError."""
+    for backend in ("threading", "sequential"):
+        with pytest.raises(AssertionError, match="does not accept setting the inner_max_num_threads"):
+            parallel_config(backend, inner_max_num_threads=1)
+        with pytest.raises(ValueError):
+            mmexec.parallel_backend(backend, inner_max_num_threads=2)
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_leaving_the_with_block_aborts_an_open_generator_at_once(backend, tmp_path):
+    """As joblib: the end of `with Parallel(...)` while a generator is open aborts its call instead of waiting
+    for its tasks; taking its results afterwards raises AbortedError."""
+    import time
+
+    never = str(tmp_path / "never")
+    start = time.monotonic()
+    with Parallel(n_jobs=2, backend=backend, return_as="generator") as parallel:
+        out = parallel(delayed(wait_event)(never, 30.0) for _ in range(6))
+    assert time.monotonic() - start < 15  # not the tasks' 30 s
+    with pytest.raises(mmexec.AbortedError, match="aborted"):
+        list(out)
+    with open(never, "w"):  # let the threads of the threading backend finish
+        pass
