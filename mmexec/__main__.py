@@ -10,6 +10,7 @@ shared pages count once).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 
 import numpy as np
 
-from . import MemmapExecutor
+from . import MemmapExecutor, __version__
 from ._procmem import PeakMemory
 
 
@@ -64,14 +65,34 @@ def demo(size_mb: int, tasks: int, workers: int) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Measure the memmap win on this machine: sum slices of one large array in worker processes, with "
+    "ProcessPoolExecutor (which pickles the array into every task) and with MemmapExecutor (which writes "
+    "it once to shared memory), and print the time and peak memory of each."
+)
+
+
+def _program_name() -> str:
+    """``mmexec`` when run as the console script, ``python -m mmexec`` otherwise."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m mmexec" if name in ("", "__main__.py", "-c") or name.endswith(".py") else name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmexec", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("demo", help="compare ProcessPoolExecutor and MemmapExecutor on a large array")
+    prog = _program_name()
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"mmexec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="demo")
+    run = sub.add_parser("demo", help="compare ProcessPoolExecutor and MemmapExecutor on a large array",
+                         description=DESCRIPTION)
     run.add_argument("--size-mb", type=int, default=100, help="array size in MiB (default 100)")
     run.add_argument("--tasks", type=int, default=16, help="number of tasks (default 16)")
     run.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     args = parser.parse_args(argv)
+    for option, value in (("--size-mb", args.size_mb), ("--tasks", args.tasks), ("--workers", args.workers)):
+        if value < 1:
+            print(f"{prog} demo: error: {option} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     return demo(args.size_mb, args.tasks, args.workers)
 
 
