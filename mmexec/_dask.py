@@ -4,7 +4,7 @@ Data flow, as in :mod:`mmexec._executor`, with a scatter store instead of
 memory maps::
 
     caller --submit/map--> encode_task ---------> DaskScatterStore ------> ClientExecutor -------> worker: _run
-                           mmexec's reducer:      arrays >= max_nbytes:    client.get_executor(    unpickles the
+                           mmexec's reducer:      arrays > max_nbytes:     client.get_executor(    unpickles the
                            swaps each array       client.scatter once      pure=False).submit(     payload: each
                            for a placeholder      per array object,        _run, payload,          placeholder is a
                            (an index)             reused while it lives    *scattered futures)     read-only view of
@@ -161,7 +161,7 @@ class DaskScatterStore:
     """An :class:`~mmexec._store.ArrayStore` that scatters large arrays to a dask cluster.
 
     ``ref_for`` returns a placeholder index (into the task's
-    :attr:`ScatterHolds.futures`) for arrays of at least ``max_nbytes``, None
+    :attr:`ScatterHolds.futures`) for arrays larger than ``max_nbytes``, None
     for the others, and raises :class:`LocalMemmapError` for memory maps.
     """
 
@@ -176,7 +176,7 @@ class DaskScatterStore:
     def ref_for(self, a: np.ndarray, holds: Holds) -> int | None:
         """A placeholder for ``a`` in this task, or None to pickle ``a`` into the task."""
         _refuse_local_memmap(a)
-        if self.max_nbytes is None or a.nbytes < self.max_nbytes or a.size == 0 or a.dtype.hasobject:
+        if self.max_nbytes is None or a.nbytes <= self.max_nbytes or a.size == 0 or a.dtype.hasobject:
             return None
         if type(a) is not np.ndarray:
             return None  # subclasses keep their type through normal pickling
@@ -235,7 +235,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     except ValueError as exc:
         if "read-only" in str(exc) and hasattr(exc, "add_note"):
             exc.add_note(
-                "DaskExecutor passes arrays of at least max_nbytes as read-only views of one copy per "
+                "DaskExecutor passes arrays larger than max_nbytes as read-only views of one copy per "
                 "worker, shared by its tasks: copy one (a.copy()) to modify it, or return results."
             )
         raise
@@ -310,7 +310,7 @@ class DaskExecutor(QueueExecutor):
         The (synchronous) client to run on; default: the current client
         (``distributed.get_client()``). A clear ``ValueError`` if there is none.
     max_nbytes : int, float, str or None, default '1M'
-        Arrays of at least this many bytes are scattered to the cluster once
+        Arrays larger than this many bytes are scattered to the cluster once
         and reused by later tasks while the caller's array object lives and is
         unchanged; tasks get them as read-only views. None sends every array
         inside its task.

@@ -415,7 +415,7 @@ class MemmapExecutor(QueueExecutor):
         Accepted for signature compatibility; only None is supported because
         loky reuses workers across executors.
     max_nbytes : int, float, str or None, default '1M'
-        Arrays of at least this many bytes are dumped once and passed as
+        Arrays larger than this many bytes are dumped once and passed as
         memory maps; ``'1M'`` is 2**20 bytes. None turns dumping off
         (memory-mapped arrays still travel by reference).
     mmap_mode : {'r', 'r+', 'w+', 'c'}, default 'r'
@@ -476,7 +476,9 @@ class MemmapExecutor(QueueExecutor):
                 "if workers must be replaced after a number of tasks."
             )
         _check_main_guard()
-        self._store = MemmapStore(parse_max_nbytes(max_nbytes), validate_mmap_mode(mmap_mode), temp_folder)
+        mode = validate_mmap_mode(mmap_mode)
+        limit = None if mode is None else parse_max_nbytes(max_nbytes)  # mmap_mode=None: no maps (as joblib)
+        self._store = MemmapStore(limit, mode or "r", temp_folder)
         token = secrets.token_hex(8)
         init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
         # An initializer whose arguments can only be inherited at process start (a

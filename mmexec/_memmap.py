@@ -196,6 +196,12 @@ def dump(array: np.ndarray, filename: str | os.PathLike[str]) -> list[str]:
     return [path]
 
 
+def _looks_like_joblib(head: bytes) -> bool:
+    """A pickle, or one compressed as joblib.dump does (zlib, gzip, bz2, lzma, xz), not a ``.npy`` file."""
+    zlib = len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+    return head[:1] == b"\x80" or zlib or head.startswith((b"\x1f\x8b", b"BZh", b"]\x00\x00", b"\xfd7zXZ"))
+
+
 def load(filename: str | os.PathLike[str], mmap_mode: str | None = None) -> Any:
     """Read a file written by :func:`dump` (or ``np.save``).
 
@@ -204,8 +210,15 @@ def load(filename: str | os.PathLike[str], mmap_mode: str | None = None) -> Any:
 
     .. versionadded:: 0.1.0
     """
-    if mmap_mode is not None:
-        mmap_mode = validate_mmap_mode(mmap_mode)
-        if mmap_mode == "w+":
-            mmap_mode = "r+"
-    return np.load(os.fspath(filename), mmap_mode=mmap_mode, allow_pickle=False)  # type: ignore[arg-type]
+    mmap_mode = validate_mmap_mode(mmap_mode)
+    if mmap_mode == "w+":
+        mmap_mode = "r+"
+    path = os.fspath(filename)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if _looks_like_joblib(head):
+        raise ValueError(
+            f"{path!r} looks like a joblib.dump file (a pickle, maybe compressed), not a .npy file: read it with "
+            "joblib.load(filename, mmap_mode=...), or write arrays with mmexec.dump (or np.save) for mmexec.load"
+        )
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ __all__ = [
 
 #: Environment variable that overrides where dumps go (after ``temp_folder=``).
 ENV_TEMP_FOLDER = "MMEXEC_TEMP_FOLDER"
-#: Default threshold, as joblib: arrays of at least 1 MiB are memory-mapped.
+#: Default threshold, as joblib: arrays larger than 1 MiB are memory-mapped.
 DEFAULT_MAX_NBYTES = "1M"
 SHM_FOLDER = "/dev/shm"
 
@@ -38,6 +38,8 @@ def parse_max_nbytes(value: int | float | str | None) -> int | None:
     if isinstance(value, (int, float)):
         if value != value or value < 0:
             raise ValueError(f"max_nbytes must be >= 0, got {value!r}")
+        if value == float("inf"):
+            return None  # no array is larger than infinity: never map (as None)
         return int(value)
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
@@ -52,12 +54,14 @@ def parse_max_nbytes(value: int | float | str | None) -> int | None:
     )
 
 
-def validate_mmap_mode(mode: str | None) -> str:
-    """Return a valid mode for opening dumped arrays in the workers."""
+def validate_mmap_mode(mode: str | None) -> str | None:
+    """Return a valid mode for opening dumped arrays in the workers; None (as joblib) turns mapping off."""
     if mode is None:
-        return "r"
+        return None
     if mode not in MMAP_MODES:
-        raise ValueError(f"mmap_mode must be one of {MMAP_MODES}, got {mode!r}")
+        raise ValueError(
+            f"mmap_mode must be one of {MMAP_MODES}, or None to pass arrays by pickling, got {mode!r}"
+        )
     return mode
 
 
@@ -67,14 +71,40 @@ def resolve_temp_folder(temp_folder: str | os.PathLike[str] | None) -> tuple[str
     Order: the ``temp_folder`` argument, the ``MMEXEC_TEMP_FOLDER`` variable,
     ``/dev/shm`` when it exists and is writable, the system temp folder.
     """
-    if temp_folder is not None:
-        return os.path.abspath(os.fspath(temp_folder)), True
-    env = os.environ.get(ENV_TEMP_FOLDER)
+    chosen = os.fspath(temp_folder) if temp_folder is not None else ""
+    if chosen:
+        return _usable_folder(os.path.abspath(os.path.expanduser(chosen)), "temp_folder"), True
+    env = os.environ.get(ENV_TEMP_FOLDER, "")  # '' means unset, for the variable and the argument alike
     if env:
-        return os.path.abspath(os.path.expanduser(env)), True
+        return _usable_folder(os.path.abspath(os.path.expanduser(env)), ENV_TEMP_FOLDER), True
     if os.path.isdir(SHM_FOLDER) and os.access(SHM_FOLDER, os.W_OK | os.X_OK):
         return SHM_FOLDER, False
     return tempfile.gettempdir(), False
+
+
+def _usable_folder(folder: str, origin: str) -> str:
+    """``folder`` if it is an existing folder where files can live; else a clear error at construction."""
+    from ._errors import TempFolderError
+
+    real = os.path.realpath(folder)
+    problem = None
+    if real == "/proc" or real.startswith(("/proc/", "/sys/")) or real == "/sys":
+        problem = "is in a virtual file system (/proc or /sys), where no file can be created"
+    elif os.path.exists(real) and not os.path.isdir(real):
+        problem = "is a file, not a folder"
+    else:  # a missing folder is created by the store (and removed at shutdown): its parent must be a folder
+        parent = real
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            problem = f"cannot be created: {parent!r} is a file, not a folder"
+    if problem is not None:
+        raise TempFolderError(
+            20,
+            f"{origin}={folder!r} {problem}. Choose an existing folder, or leave temp_folder and "
+            f"{ENV_TEMP_FOLDER} unset to use /dev/shm.",
+        )
+    return folder
 
 
 def fallback_temp_folder() -> str:

@@ -56,8 +56,10 @@ from ._tempfolder import (
     check_safe_folder,
     create_private_file,
     free_bytes,
+    make_missing_folders,
     make_private_folder,
     no_room_error,
+    remove_folders_made,
     remove_private_folder,
     sweep_partial_results,
     sweep_stale_folders,
@@ -181,8 +183,14 @@ class MemmapStore:
         self.max_nbytes = max_nbytes
         self.mmap_mode = mmap_mode
         self._base, self._explicit = resolve_temp_folder(temp_folder)
+        self._made: list[str] = []  # folders created for a temp_folder that did not exist, removed at close
         if self._explicit:
-            check_safe_folder(self._base)  # at construction, not at the first large array
+            self._made = make_missing_folders(self._base)
+            try:
+                check_safe_folder(self._base)  # at construction, not at the first large array
+            except BaseException:
+                remove_folders_made(self._made)
+                raise
         # What a process killed with its whole group left (its folder, loky's semaphores in /dev/shm):
         # removed when the next executor is created, wherever its own files go.
         for parent in dict.fromkeys((self._base, SHM_FOLDER)):
@@ -333,8 +341,8 @@ class MemmapStore:
             ref = self._memmap_ref(a, mm, holds)
             if ref is not None:
                 return ref
-        if self.max_nbytes is None or a.nbytes < self.max_nbytes:
-            return None
+        if self.max_nbytes is None or a.nbytes <= self.max_nbytes:
+            return None  # as joblib: only arrays larger than max_nbytes are mapped
         if type(a) is not np.ndarray and type(a) is not np.memmap:
             return None  # subclasses keep their type through normal pickling
         return self._dump_ref(a, holds)
@@ -521,6 +529,7 @@ class MemmapStore:
         self._dumps.clear()
         self._lent.clear()
         self._folders.clear()
+        self._made = []
         self._closed = True
 
     # -- end -------------------------------------------------------------
@@ -560,6 +569,7 @@ class MemmapStore:
             self.release(path)
         for folder in folders:
             remove_private_folder(folder)
+        remove_folders_made(self._made)
         if self._explicit:  # a folder the user chose may be unmounted next: hold nothing there
             self._spares.drop(where=self._base)
 

@@ -26,7 +26,9 @@ __all__ = [
     "create_private_file",
     "free_bytes",
     "no_room_error",
+    "make_missing_folders",
     "make_private_folder",
+    "remove_folders_made",
     "remove_private_folder",
     "sweep_partial_results",
     "sweep_stale_folders",
@@ -119,6 +121,33 @@ def check_safe_folder(folder: str) -> None:
             "the files mmexec writes there. Use a folder only you can write to, one with the sticky bit "
             f"(like /tmp or /dev/shm), or leave temp_folder and {ENV_TEMP_FOLDER} unset.",
         )
+
+
+def make_missing_folders(folder: str) -> list[str]:
+    """Create ``folder`` and any missing folder above it (mode 0700); the ones created, deepest first."""
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            missing.remove(path)  # made meanwhile by someone else: not ours to remove
+        except OSError as exc:
+            raise TempFolderError(
+                exc.errno, f"cannot create the temp folder {folder!r}: {exc.strerror}. Choose a folder you can "
+                f"write to with temp_folder=... or {ENV_TEMP_FOLDER}."
+            ) from exc
+    return missing
+
+
+def remove_folders_made(folders: list[str]) -> None:
+    """Remove the folders :func:`make_missing_folders` made, deepest first, if they are empty."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def make_private_folder(parent: str) -> str:

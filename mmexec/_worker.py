@@ -90,7 +90,7 @@ class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def _reduce_array(self, obj: np.ndarray) -> tuple[Any, tuple[ArrayRef]] | None:
         limit = self._ctx.max_nbytes
-        if limit is None or obj.nbytes < limit or obj.size == 0:
+        if limit is None or obj.nbytes <= limit or obj.size == 0:
             return None
         if obj.dtype.hasobject or type(obj) not in (np.ndarray, np.memmap):
             return None

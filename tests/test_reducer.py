@@ -19,12 +19,12 @@ def files_in(ex: MemmapExecutor) -> list[str]:
     return live_dumps(ex)
 
 
-def test_threshold_is_inclusive(mx):
-    """An array of exactly max_nbytes is memory-mapped; one byte less is pickled."""
+def test_threshold_is_exclusive_as_joblib(mx):
+    """As joblib, only arrays larger than max_nbytes are memory-mapped: one of exactly max_nbytes is pickled."""
+    above = np.zeros(K64 + 1, dtype=np.uint8)
     at = np.zeros(K64, dtype=np.uint8)
-    below = np.zeros(K64 - 1, dtype=np.uint8)
-    assert mx.submit(describe, at).result()["type"] == "memmap"
-    assert mx.submit(describe, below).result()["type"] == "ndarray"
+    assert mx.submit(describe, above).result()["type"] == "memmap"
+    assert mx.submit(describe, at).result()["type"] == "ndarray"
 
 
 @dataclasses.dataclass

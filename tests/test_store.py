@@ -43,6 +43,8 @@ def test_default_folder_is_dev_shm(mx, monkeypatch):
 
 def test_temp_folder_argument_wins_over_environment(tmp_path, monkeypatch):
     """temp_folder= comes first, then MMEXEC_TEMP_FOLDER."""
+    (tmp_path / "env").mkdir()
+    (tmp_path / "arg").mkdir()
     monkeypatch.setenv("MMEXEC_TEMP_FOLDER", str(tmp_path / "env"))
     with MemmapExecutor(1, temp_folder=tmp_path / "arg") as ex:
         assert os.path.dirname(ex._store.folder) == str(tmp_path / "arg")
@@ -112,12 +114,11 @@ def test_disk_full_during_write_removes_partial_file(tiny_tmpfs, monkeypatch):
 
 
 def test_unwritable_temp_folder_is_a_clear_error(tmp_path):
-    """A temp folder that cannot be created names itself and the way out."""
+    """A temp folder that cannot exist (below a file) names itself and the way out, at construction."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with MemmapExecutor(1, temp_folder=blocker / "sub") as ex:
-        with pytest.raises(TempFolderError, match="MMEXEC_TEMP_FOLDER"):
-            ex.submit(describe, np.ones(300_000)).result()
+    with pytest.raises(TempFolderError, match="MMEXEC_TEMP_FOLDER"):
+        MemmapExecutor(1, temp_folder=blocker / "sub")
 
 
 def test_shutdown_deletes_files_of_live_arrays(tmp_path):
@@ -292,3 +293,68 @@ def test_shutdown_frees_everything_in_a_chosen_folder_so_it_can_be_unmounted(tmp
     assert [s for s in store_module.SPARES._items if s.where == tmpfs_64m] == []
     assert subprocess.run(["umount", tmpfs_64m], capture_output=True).returncode == 0  # not busy
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", tmpfs_64m], check=True)
+
+
+@pytest.mark.parametrize("how", ["a file", "below a file", "under /proc", "the variable, a file"])
+def test_a_temp_folder_that_cannot_hold_files_is_refused_at_construction(tmp_path, monkeypatch, how):
+    """A file, a folder below a file or a folder under /proc is a TempFolderError when the executor is created."""
+    target: object = tmp_path / "f"
+    (tmp_path / "f").write_text("")
+    if how == "below a file":
+        target = tmp_path / "f" / "sub"
+    elif how == "under /proc":
+        target = "/proc/self"
+    if how.startswith("the variable"):
+        monkeypatch.setenv("MMEXEC_TEMP_FOLDER", str(target))
+        target = None
+    with pytest.raises(TempFolderError, match="temp_folder|MMEXEC_TEMP_FOLDER") as info:
+        MemmapExecutor(1, temp_folder=target)
+    assert "/dev/shm" in str(info.value)
+
+
+@pytest.mark.parametrize("via", ["argument", "variable"])
+def test_a_missing_temp_folder_is_created_private_and_removed_at_shutdown(tmp_path, monkeypatch, via):
+    """As joblib, a temp folder that does not exist is created (0700, with missing parents); mmexec removes
+    what it created when the executor shuts down, and nothing else."""
+    target = tmp_path / "new" / "deeper"
+    if via == "variable":
+        monkeypatch.setenv("MMEXEC_TEMP_FOLDER", str(target))
+    with MemmapExecutor(1, temp_folder=str(target) if via == "argument" else None) as ex:
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+        assert ex.submit(describe, np.ones(2**18)).result()["type"] == "memmap"
+    assert not (tmp_path / "new").exists() and tmp_path.exists()
+
+
+def test_an_empty_temp_folder_means_unset_for_the_argument_and_the_variable(monkeypatch):
+    """temp_folder='' and MMEXEC_TEMP_FOLDER='' both mean the default, never the current directory."""
+    monkeypatch.setenv("MMEXEC_TEMP_FOLDER", "")
+    for ex in (MemmapExecutor(1, temp_folder=""), MemmapExecutor(1)):
+        with ex:
+            assert ex._store._base == MemmapStoreBase()
+
+
+def MemmapStoreBase() -> str:  # noqa: N802 - reads like the value it stands for
+    return store_module.resolve_temp_folder(None)[0]
+
+
+def test_mmap_mode_none_and_infinite_max_nbytes_turn_mapping_off():
+    """As joblib, mmap_mode=None passes arrays by pickling; max_nbytes=float('inf') maps nothing."""
+    a = np.ones(2**18)
+    for options in ({"mmap_mode": None}, {"max_nbytes": float("inf")}):
+        with MemmapExecutor(1, **options) as ex:
+            assert ex.submit(describe, a).result()["type"] == "ndarray"
+            assert live_dumps(ex) == []
+    with pytest.raises(ValueError, match="mmap_mode must be one of"):
+        MemmapExecutor(1, mmap_mode="x")
+
+
+def test_loading_a_joblib_dump_says_what_to_use_instead(tmp_path):
+    """mmexec.load of a joblib.dump file (a pickle) names joblib.load, instead of numpy's format error."""
+    joblib = pytest.importorskip("joblib")
+    from mmexec import load
+
+    for compress in (0, 3, ("gzip", 3), ("bz2", 3), ("lzma", 3), ("xz", 3)):
+        path = tmp_path / f"a{compress!s:.6}.joblib"
+        joblib.dump(np.arange(10), path, compress=compress)
+        with pytest.raises(ValueError, match="joblib.load"):
+            load(path, mmap_mode="r")
