@@ -360,7 +360,10 @@ class MemmapStore:
         else:  # a caller's own np.memmap: by its path as seen from any process, and its identity
             path = _from_any_process(path)
             ident = _identity(mm, path)
-        mode = "r+" if mm.mode in ("r+", "w+") else "r"
+        if owner is not None:  # mmexec's own file (a result, a dump): tasks get it as any dump, never writable
+            mode = self.mmap_mode  # unless the executor says so
+        else:  # the caller opened this np.memmap itself: writable if it did so on purpose (seed E7)
+            mode = "r+" if mm.mode in ("r+", "w+") else "r"
         return ArrayRef(path, a.dtype, a.shape, a.strides, file_offset_of(a, mm), "C", mode, ident)
 
     def _dump_ref(self, a: np.ndarray, holds: Holds) -> ArrayRef | None:

@@ -285,3 +285,32 @@ def test_copy_on_write_mode_gives_private_writable_copies():
         ex.submit(fill, a, 7.0).result()
         assert ex.submit(describe, a).result()["sum"] == 0
     assert a.sum() == 0
+
+
+def bump(a: np.ndarray) -> float:
+    a += 1
+    return float(a.sum())
+
+
+@pytest.mark.parametrize("how", ["whole", "view", "map"])
+def test_a_result_passed_back_is_never_written_by_tasks(how):
+    """A large result passed back to its executor reaches tasks under the executor's mmap_mode: with 'r' a
+    task cannot write it, with 'c' it writes a private copy; the caller's array never changes."""
+    for mode in ("r", "c"):
+        with MemmapExecutor(2, max_nbytes="64K", mmap_mode=mode) as ex:
+            r = ex.submit(np.zeros, 2**17).result()  # 1 MiB: comes back as a map of a file
+            arg = r[10:] if how == "view" else r
+            if mode == "r":
+                with pytest.raises(ValueError, match="read-only"):
+                    ex.submit(bump, arg).result() if how != "map" else list(ex.map(bump, [arg]))
+            else:
+                got = ex.submit(bump, arg).result() if how != "map" else next(ex.map(bump, [arg]))
+                assert got == arg.size
+            assert float(r.sum()) == 0.0
+
+
+def test_a_writable_memmap_the_caller_opened_is_still_written_by_tasks(tmp_path, mx):
+    """Seed E7: an np.memmap the caller opened 'r+'/'w+' is shared for writing, whatever mmap_mode says."""
+    out = np.memmap(tmp_path / "out.bin", dtype=np.float64, mode="w+", shape=(2**17,))
+    assert mx.submit(bump, out).result() == 2**17
+    assert float(out.sum()) == 2**17
