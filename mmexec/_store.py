@@ -193,8 +193,9 @@ class MemmapStore:
                 raise
         # What a process killed with its whole group left (its folder, loky's semaphores in /dev/shm):
         # removed when the next executor is created, wherever its own files go.
+        dead: set[int] = set()
         for parent in dict.fromkeys((self._base, SHM_FOLDER)):
-            sweep_stale_folders(parent)
+            dead = sweep_stale_folders(parent, dead)  # (/dev/shm last: loky's semaphores of callers found dead)
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
         self._files: dict[str, _File] = {}  # reference path -> the file's record

@@ -46,8 +46,16 @@ _WRITER_PREFIX = "w"
 _LOKY_SEMAPHORE_PREFIX = "sem.loky-"
 
 
-def sweep_stale_folders(parent: str) -> None:
-    """Remove what processes of this user that no longer exist left in ``parent``.
+def pid_namespace() -> str:
+    """This process's PID namespace (the inode of ``/proc/self/ns/pid``, hex), or '' if unknown."""
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        return ""
+
+
+def sweep_stale_folders(parent: str, dead_callers: set[int] | None = None) -> set[int]:
+    """Remove what processes of this user that no longer exist left in ``parent``; their pids.
 
     Only a process killed together with loky's resource tracker (SIGKILL of a
     whole process group) leaves anything behind: our folder, holding at most
@@ -55,33 +63,46 @@ def sweep_stale_folders(parent: str) -> None:
     semaphores, which that tracker would have unlinked. (Unlinking a
     semaphore only removes its name: a process that still has it open can
     go on using it.)
+
+    A pid means something only in its PID namespace, and ``/dev/shm`` may be
+    shared across namespaces (``docker --ipc=host``): a folder is judged only
+    if its name carries this process's namespace (``mmexec-<pid>-<ns>-...``),
+    and loky's semaphores only for a caller proven dead that way, here or in
+    ``dead_callers`` (found in another folder).
     """
-    uid = os.getuid()
+    uid, namespace = os.getuid(), pid_namespace()
+    dead = set(dead_callers or ())
     try:
         entries = list(os.scandir(parent))
     except OSError:
-        return
+        return dead
+    semaphores = []
     for entry in entries:
         name = entry.name
-        if name.startswith(FOLDER_PREFIX):
-            pid_text, is_ours = name[len(FOLDER_PREFIX) :].split("-", 1)[0], True
-        elif name.startswith(_LOKY_SEMAPHORE_PREFIX):
-            pid_text, is_ours = name[len(_LOKY_SEMAPHORE_PREFIX) :].split("-", 1)[0], False
-        else:
+        if name.startswith(_LOKY_SEMAPHORE_PREFIX):
+            semaphores.append(entry)
             continue
+        if not name.startswith(FOLDER_PREFIX) or not namespace:
+            continue
+        parts = name[len(FOLDER_PREFIX) :].split("-")
+        if len(parts) != 3 or parts[1] != namespace:
+            continue  # another PID namespace's (or an older mmexec's): its pid means nothing here
         try:
+            pid = int(parts[0])
             st = entry.stat(follow_symlinks=False)
-            if st.st_uid != uid or stat.S_ISDIR(st.st_mode) != is_ours:
-                continue
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            if is_ours:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
         except (OSError, ValueError):
             continue
+        if st.st_uid == uid and stat.S_ISDIR(st.st_mode) and _dead(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            dead.add(pid)
+    for entry in semaphores:
+        try:
+            pid = int(entry.name[len(_LOKY_SEMAPHORE_PREFIX) :].split("-", 1)[0])
+            if pid in dead and entry.stat(follow_symlinks=False).st_uid == uid:
+                os.unlink(entry.path)
+        except (OSError, ValueError):
+            continue
+    return dead
 
 
 def unsafe_reason(folder: str) -> str | None:
@@ -156,7 +177,7 @@ def make_private_folder(parent: str) -> str:
     try:
         os.makedirs(parent, exist_ok=True)
         check_safe_folder(parent)
-        path = os.path.join(parent, f"{FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(12)}")
+        path = os.path.join(parent, f"{FOLDER_PREFIX}{os.getpid()}-{pid_namespace() or '0'}-{secrets.token_hex(12)}")
         os.mkdir(path, 0o700)
         os.chmod(path, 0o700)
     except TempFolderError:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +30,8 @@ def test_files_are_private_and_unguessable(mx):
     ((path, fd),) = held_fds(mx).items()
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
-    assert re.fullmatch(rf"mmexec-{os.getpid()}-[0-9a-f]{{24}}", os.path.basename(folder))
+    namespace = f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    assert re.fullmatch(rf"mmexec-{os.getpid()}-{namespace}-[0-9a-f]{{24}}", os.path.basename(folder))
     target = os.readlink(path)
     assert re.fullmatch(rf"{re.escape(folder)}/[0-9a-f]{{32}}\.mmap \(deleted\)", target)
     assert os.listdir(folder) == []
@@ -358,3 +361,34 @@ def test_loading_a_joblib_dump_says_what_to_use_instead(tmp_path):
         joblib.dump(np.arange(10), path, compress=compress)
         with pytest.raises(ValueError, match="joblib.load"):
             load(path, mmap_mode="r")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_sweep_judges_only_folders_of_its_own_pid_namespace(tmp_path):
+    """With /dev/shm shared across PID namespaces, a pid means nothing outside its own: a folder is removed only
+    if it carries this namespace and its pid is dead here, and loky's semaphores only for such a dead caller."""
+    namespace = f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    mine, other = _dead_pid(), _dead_pid()
+    ours = tmp_path / f"mmexec-{mine}-{namespace}-{'a' * 24}"
+    foreign = tmp_path / f"mmexec-{other}-{int(namespace, 16) + 1:x}-{'b' * 24}"
+    old_style = tmp_path / f"mmexec-{other}-{'c' * 24}"
+    for folder in (ours, foreign, old_style):
+        folder.mkdir(mode=0o700)
+        (folder / "partial.mmap").write_bytes(b"x")
+    sem_mine, sem_other = f"/dev/shm/sem.loky-{mine}-test", f"/dev/shm/sem.loky-{other}-test"
+    for sem in (sem_mine, sem_other):
+        with open(sem, "w"):
+            pass
+    try:
+        MemmapExecutor(1, temp_folder=str(tmp_path)).shutdown()
+        assert not ours.exists() and not os.path.exists(sem_mine)  # dead here: swept, with its semaphores
+        assert foreign.exists() and old_style.exists() and os.path.exists(sem_other)  # not provably dead
+    finally:
+        for sem in (sem_mine, sem_other):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sem)
