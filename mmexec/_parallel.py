@@ -724,7 +724,7 @@ class _Run:
         if self.p.callback is not None:
             for offset, value in enumerate(values):
                 self.p.callback(first + offset, value)
-        self.bar.update(self.n_done, None if not self.exhausted else self.n_dispatched)
+        self.bar.update(self.n_done, None if not self.exhausted else self.n_dispatched, self.n_dispatched)
         if self.p.verbose and _should_report(before, self.n_done, self.p.verbose):
             self.log(f"Done {self.n_done:4d} tasks      | elapsed: {self._elapsed()}")
 
@@ -769,38 +769,57 @@ def _should_report(before: int, after: int, verbose: int) -> bool:
 
 
 class _ProgressBar:
-    """tqdm when installed, else a one-line text bar on stderr; nothing when off."""
+    """tqdm when installed, else text on stderr; nothing when off.
+
+    The text fallback draws one bar of fixed width on a terminal (while the
+    input is still being read, against the calls sent so far, marked ``+``),
+    and, when stderr is not a terminal (a log file, CI), plain lines without
+    carriage returns: one per tenth of the work, or per second at most.
+    """
+
+    WIDTH = 30
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._tqdm: Any = None
+        self._tty = False
+        self._last_line = -1.0  # (plain lines) when the last one was written
+        self._last_tenth = -1
+        self._done = 0
         if enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
+                self._tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
                 return
             self._tqdm = tqdm(unit="task")
 
-    def update(self, done: int, total: int | None) -> None:
+    def update(self, done: int, total: int | None, sent: int | None = None) -> None:
         if not self.enabled:
             return
+        self._done = done
         if self._tqdm is not None:
             if total is not None:
                 self._tqdm.total = total
             self._tqdm.update(done - self._tqdm.n)
             return
-        if total:
-            filled = int(30 * done / total)
-            text = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
-        else:
-            text = f"{done} tasks done"
-        print(f"\r{text}", end="", file=sys.stderr, flush=True)
+        known = total if total is not None else max(sent or 0, done)
+        more = "" if total is not None else "+"
+        if self._tty:
+            filled = int(self.WIDTH * done / known) if known else 0
+            text = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{known}{more}"
+            print(f"\r{text:<{self.WIDTH + 24}}", end="", file=sys.stderr, flush=True)
+            return
+        tenth = 10 * done // known if known and total is not None else -1
+        now = time.monotonic()
+        if tenth > self._last_tenth or now - self._last_line >= 1.0:
+            self._last_tenth, self._last_line = max(tenth, self._last_tenth), now
+            print(f"mmexec: {done}/{known}{more} tasks done", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._tqdm is not None:
             self._tqdm.close()
-        else:
+        elif self._tty:
             print(file=sys.stderr, flush=True)
-

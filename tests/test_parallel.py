@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -231,7 +233,22 @@ def test_progress_bar_without_tqdm_draws_text(capsys, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_tqdm)
     Parallel(n_jobs=2, progress_bar=True, pre_dispatch="all")(delayed(square)(i) for i in range(10))
-    assert "10/10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # stderr is not a terminal here: plain lines, no carriage returns, ending with the total
+    assert "\r" not in err and err.splitlines()[-1] == "mmexec: 10/10 tasks done"
+    assert len(err.splitlines()) <= 11
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    Parallel(n_jobs=2, progress_bar=True, pre_dispatch=2, batch_size=1)(delayed(square)(i) for i in range(40))
+    frames = [f for f in terminal.getvalue().split("\r") if f.strip()]
+    assert len({len(f.rstrip("\n")) for f in frames}) == 1  # one bar, redrawn in place at a fixed width
+    assert any(f.rstrip().endswith("+") for f in frames)  # drawn while the input was still being read
+    assert frames[-1].split()[-1] == "40/40"
 
 
 def test_nested_parallel_in_a_worker_runs_sequentially_with_capped_threads():
