@@ -344,3 +344,42 @@ def test_twenty_process_group_kills_mid_work_leave_nothing_once_the_next_executo
     assert [n for n in os.listdir(folder) if any(n.startswith(f"mmexec-{pid}-") for pid in killed)] == []
     shm = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
     assert [n for n in shm if any(n.startswith((f"sem.loky-{p}-", f"mmexec-{p}-")) for p in killed)] == []
+
+
+DESCRIPTORS = textwrap.dedent(
+    """
+    import os, resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    import numpy as np
+    from mmexec import MemmapExecutor
+
+    N = 2**14 + 8  # just above the 128 KiB threshold: every result and input is a file
+
+    def make(i):
+        return np.full(N, float(i))
+
+    def total(a):
+        return float(a.sum())
+
+    if __name__ == "__main__":
+        with MemmapExecutor(2, max_nbytes="128K") as ex:
+            results = list(ex.map(make, range(10_000), chunksize=50))
+            assert all(r[0] == i and r.shape == (N,) for i, r in enumerate(results))
+            inputs = [np.full(N, float(i)) for i in range(5_000)]
+            assert list(ex.map(total, inputs, chunksize=50)) == [float(i) * N for i in range(5_000)]
+            assert [ex.submit(total, a).result() for a in inputs[:1_000]] == [float(i) * N for i in range(1_000)]
+            print("ok", len(os.listdir("/proc/self/fd")), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ten_thousand_live_results_and_five_thousand_inputs_under_1024_descriptors(tmp_path):
+    """Under ulimit -n 1024, 10,000 live large results and 5,000 distinct large inputs work (beyond the
+    descriptor budget, results are copied into memory and inputs pickled), and the process exits cleanly."""
+    script = tmp_path / "fds.py"
+    script.write_text(DESCRIPTORS)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, held = proc.stdout.split()
+    assert status == "ok" and int(held) < 1024
