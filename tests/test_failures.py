@@ -383,3 +383,38 @@ def test_ten_thousand_live_results_and_five_thousand_inputs_under_1024_descripto
     assert proc.returncode == 0, proc.stderr[-3000:]
     status, held = proc.stdout.split()
     assert status == "ok" and int(held) < 1024
+
+
+CTRL_C = textwrap.dedent(
+    """
+    import signal, time
+    from mmexec import Parallel, delayed
+
+    def stuck(seconds):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # like C code: deaf to the abort signal
+        time.sleep(seconds)
+        return seconds
+
+    if __name__ == "__main__":
+        print("start", flush=True)
+        Parallel(n_jobs=2)(delayed(stuck)(120) for _ in range(4))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_on_parallel_stops_tasks_stuck_in_c_and_exits(tmp_path, presses):
+    """Ctrl-C during Parallel: nothing new starts, running tasks are aborted (their workers killed after the
+    0.5 s grace when deaf to it), and the program ends with KeyboardInterrupt, not after the 120 s tasks;
+    a second Ctrl-C during the abort ends it too."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "start"
+    time.sleep(1.5)  # not synchronisation: let the tasks start (the outcome is the same if they have not)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=60)  # far less than the tasks' 120 s
+    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "KeyboardInterrupt"
