@@ -34,6 +34,7 @@ A backend supplies only its store and its way of sending a payload
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import pickle
@@ -612,15 +613,24 @@ class QueueExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = None,
+        buffersize: int | None = None,
     ) -> Iterator[T]:
         """Like ``Executor.map``; ``chunksize=None`` picks a chunk size from the input length.
 
         Every call is queued before this returns, and each array is compared
-        with its dump at most once for the whole call.
+        with its dump at most once for the whole call. With ``buffersize``
+        (Python 3.14's argument), the input is read lazily instead: at most
+        ``buffersize`` tasks (of ``chunksize`` calls, 1 by default) are queued
+        or running at a time, and one more is queued as each result is
+        taken, so an endless or huge input runs in bounded memory.
+
+        .. versionchanged:: 0.2.0 ``buffersize``.
         """
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
+        if buffersize is not None:
+            return self._map_buffered(fn, iterables, end, chunksize or 1, buffersize)
         arglists = list(zip(*iterables, strict=False))  # stops at the shortest, as the stdlib
         size = chunksize if chunksize is not None else self._default_chunksize(len(arglists))
         scope = Session()
@@ -637,6 +647,36 @@ class QueueExecutor(Executor):
             raise
         del arglists
         return _iter_results(futures, end, chunked=size != 1)
+
+    def _map_buffered(
+        self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], end: float | None, size: int,
+        buffersize: int,
+    ) -> Iterator[Any]:
+        if not isinstance(buffersize, int) or isinstance(buffersize, bool):
+            raise TypeError(f"buffersize must be an integer or None, not {type(buffersize).__name__}")
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        calls = zip(*iterables, strict=False)
+        core = self._core
+
+        def submit_next() -> Future[Any] | None:
+            # No shared scope: the caller may change its arrays while it takes results, so each burst
+            # compares them again (as separate submits would).
+            if size == 1:
+                args = next(calls, None)
+                return None if args is None else core.put(Call(fn, args), None)
+            chunk = list(itertools.islice(calls, size))
+            return core.put(Chunk(fn, chunk), None) if chunk else None
+
+        futures: list[Future[Any]] = []
+        try:
+            while len(futures) < buffersize and (fut := submit_next()) is not None:
+                futures.append(fut)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        return _iter_results(futures, end, chunked=size != 1, refill=submit_next)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, return once every queued and running task is done
@@ -682,20 +722,35 @@ def _result_or_cancel(fut: Future[Any], timeout: float | None) -> Any:
         del fut  # break the cycle through a stored exception's traceback
 
 
-def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) -> Iterator[Any]:
+def _take(pending: deque[Future[Any]], refill: Callable[[], Future[Any] | None] | None) -> Future[Any]:
+    """The next future; with ``refill``, the next task is queued in its place (no local keeps either)."""
+    fut = pending.popleft()
+    if refill is not None:
+        following = refill()
+        if following is not None:
+            pending.append(following)
+    return fut
+
+
+def _iter_results(
+    futures: list[Future[Any]], end: float | None, chunked: bool,
+    refill: Callable[[], Future[Any] | None] | None = None,
+) -> Iterator[Any]:
     """Yield results in order; on timeout, error or early close, cancel what is left.
 
-    No local variable keeps a yielded result alive: once the caller drops it,
-    it is freed (as in the stdlib).
+    ``refill`` (``map(buffersize=...)``) queues the next task, if any, each
+    time one is taken. No local variable keeps a yielded result alive: once
+    the caller drops it, it is freed (as in the stdlib).
     """
-    futures.reverse()
+    pending = deque(futures)
+    del futures
     try:
-        while futures:
+        while pending:
             timeout = None if end is None else end - time.monotonic()
             if not chunked:
-                yield _result_or_cancel(futures.pop(), timeout)
+                yield _result_or_cancel(_take(pending, refill), timeout)
                 continue
-            outcomes = _result_or_cancel(futures.pop(), timeout)
+            outcomes = _result_or_cancel(_take(pending, refill), timeout)
             values, errors, error = outcomes.values, outcomes.errors, None
             del outcomes
             if errors:
@@ -708,6 +763,6 @@ def _iter_results(futures: list[Future[Any]], end: float | None, chunked: bool) 
             if error is not None:
                 raise error
     finally:
-        for fut in futures:
-            fut.cancel()
+        for left in pending:
+            left.cancel()
 

@@ -31,9 +31,9 @@ import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from types import FrameType
+from types import FrameType, MappingProxyType
 from typing import Any
 
 import cloudpickle
@@ -502,6 +502,51 @@ class MemmapExecutor(QueueExecutor):
     def _pool(self) -> Any:
         """The loky pool this executor submits to (None once its own pool was shut down)."""
         return self._backend.lease.pool
+
+    def workers(self) -> Mapping[int, Any]:
+        """The worker processes serving this executor now: ``{pid: process}`` (a read-only snapshot).
+
+        They are loky's processes, shared with the other executors of this
+        thread unless this one has a pool of its own. For monitoring and
+        tests; empty before the first task started them.
+
+        .. versionadded:: 0.2.0
+        """
+        processes = getattr(self._pool, "_processes", None) or {}
+        return MappingProxyType(dict(processes))
+
+    @property
+    def _processes(self) -> Mapping[int, Any]:
+        """The standard library's attribute, read-only: :meth:`workers`."""
+        return self.workers()
+
+    def terminate_workers(self) -> None:
+        """Python 3.14's ``terminate_workers``, for a shared pool: stop this executor's tasks and shut it down.
+
+        Tasks not started are cancelled; running ones are interrupted, and
+        the worker of one still running a second later is killed. Then the
+        executor shuts down. Workers idle or running other executors' tasks
+        are left alone: loky's shared pool keeps serving them (a killed
+        worker does break the tasks of other executors running on that pool
+        at that moment; they fail with ``BrokenProcessPool``, and those
+        executors move to a fresh pool).
+
+        .. versionadded:: 0.2.0
+        """
+        self._stop_now(grace=1.0)
+
+    def kill_workers(self) -> None:
+        """Python 3.14's ``kill_workers``: as :meth:`terminate_workers`, but the workers running this
+        executor's tasks are killed at once, without waiting for the tasks to stop.
+
+        .. versionadded:: 0.2.0
+        """
+        self._stop_now(grace=0.0)
+
+    def _stop_now(self, grace: float) -> None:
+        self._core.stop(cancel_futures=True)
+        self.abort(grace=grace)
+        self.shutdown(wait=True, cancel_futures=True)
 
 
 def _interpreter_exiting() -> bool:

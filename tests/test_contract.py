@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import os
 import threading
+import time
 import traceback
 import weakref
 from concurrent.futures import (
@@ -282,3 +283,116 @@ def test_shutdown_without_wait_frees_the_shared_pool_once_idle(tmp_path):
         assert second.submit(square, 5).result(timeout=60) == 25
     open(go, "w").close()
     assert blocked.result(timeout=60) == go
+
+
+# --------------------------------------------------- Python 3.14 additions (#12)
+class Counted:
+    """An input that counts how far it was read."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.taken = n, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.taken += 1
+            yield i
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_with_buffersize_reads_the_input_lazily(chunksize):
+    """map(buffersize=N) queues N tasks at the call and one more per result taken; results stay in order."""
+    source = Counted(50)
+    with MemmapExecutor(2) as ex:
+        results = ex.map(square, source, chunksize=chunksize, buffersize=2)
+        assert source.taken == 2 * chunksize
+        assert next(results) == 0
+        assert source.taken == 3 * chunksize
+        assert list(results) == [i * i for i in range(1, 50)] and source.taken == 50
+        with pytest.raises(ValueError, match="buffersize"):
+            ex.map(square, range(3), buffersize=0)
+        with pytest.raises(TypeError, match="buffersize"):
+            ex.map(square, range(3), buffersize=2.0)
+
+
+def test_closing_a_buffered_map_early_reads_no_more_input(tmp_path):
+    """Closing the results of map(buffersize=3) before taking any: no more input is read, nothing more runs."""
+    flag = str(tmp_path / "flag")
+
+    def paths():
+        for i in range(100):
+            taken.append(i)
+            yield flag
+
+    taken: list[int] = []
+    with MemmapExecutor(1) as ex:
+        results = ex.map(wait_event, paths(), buffersize=3)
+        results.close()
+        with open(flag, "w"):  # lets a task that had started finish
+            pass
+    assert taken == [0, 1, 2]
+
+
+BUFFERED = """
+import resource, sys
+import mmexec
+
+def inc(x):
+    return x + 1
+
+if __name__ == "__main__":
+    n = 10_000_000
+    with mmexec.MemmapExecutor(2) as ex:
+        list(ex.map(inc, range(100)))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        total = sum(ex.map(inc, (i for i in range(n)), chunksize=20_000, buffersize=4))
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(total == n * (n + 1) // 2, grown // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_map_with_buffersize_runs_ten_million_items_in_flat_memory(tmp_path):
+    """A generator of 10 million items runs in bounded memory: the peak grows by a few MiB, where a list of
+    the input alone would take hundreds."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "buffered.py"
+    script.write_text(BUFFERED)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    right, grown_mib = proc.stdout.split()
+    assert right == "True" and int(grown_mib) < 64
+
+
+def _sleep_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers_stop_this_executors_tasks_and_shut_it_down(how):
+    """Running tasks are stopped (AbortedError) at once, pending ones cancelled, the executor refuses new work,
+    and another executor on the same warm pool keeps working."""
+    ex = MemmapExecutor(2)
+    futures = [ex.submit(_sleep_pid, 60) for _ in range(4)]
+    while not any(f.running() for f in futures):  # wait for a task to start (bounded by the test's timeout)
+        time.sleep(0.01)
+    getattr(ex, how)()
+    assert all(f.done() for f in futures)
+    assert all(f.cancelled() or isinstance(f.exception(), CancelledError) for f in futures)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(square, 2)
+    with MemmapExecutor(2) as other:
+        assert other.submit(square, 3).result(timeout=60) == 9
+
+
+def test_workers_and_processes_show_the_worker_processes():
+    """workers() (and the stdlib's _processes, read-only) map pid -> process of the pool serving the executor."""
+    with MemmapExecutor(2) as ex:
+        pids = {ex.submit(pid).result() for _ in range(8)}
+        workers = ex.workers()
+        assert pids <= set(workers) and all(p.is_alive() for p in workers.values())
+        assert dict(ex._processes) == dict(workers)
+        with pytest.raises(TypeError):
+            ex._processes[1] = None  # type: ignore[index]
