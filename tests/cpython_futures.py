@@ -88,11 +88,20 @@ EXTRA_PROCESS_POOL_CLASSES = ("FailingInitializerResourcesTest",)
 _PRIVATE = "private attribute: reads ProcessPoolExecutor's "
 _INTERNAL = "CPython internals: "
 EXCLUDED: dict[str, str] = {
-    "*ProcessPoolExecutorTest.test_killed_child": _PRIVATE + "_processes to find a worker to kill",
-    "*ProcessPoolExecutorTest.test_saturation": _PRIVATE + "_processes and _max_workers",
-    "*ProcessPoolExecutorTest.test_idle_process_reuse_one": _PRIVATE + "_processes",
-    "*ProcessPoolExecutorTest.test_idle_process_reuse_multiple": _PRIVATE + "_processes",
-    "*ProcessPoolShutdownTest.test_processes_terminate": _PRIVATE + "_processes",
+    "*ProcessPoolExecutorTest.test_saturation": (
+        "shared pool: counts _processes against this executor's max_workers, but loky's reusable pool may "
+        "still hold the workers of a larger earlier executor of the thread"
+    ),
+    "*ProcessPoolExecutorTest.test_idle_process_reuse_multiple": (
+        "shared pool: as test_saturation (seen failing 1 run in 2 here with 5 processes for max_workers=3; "
+        "to be investigated, see CHANGELOG)"
+    ),
+    "*ProcessPoolExecutorTest.test_idle_process_reuse_one": (
+        "shared pool: expects one process after serial tasks; loky starts a pool's workers together"
+    ),
+    "*ProcessPoolShutdownTest.test_processes_terminate": (
+        "shared pool: expects the workers to exit at shutdown(); the warm pool keeps them by design"
+    ),
     "*ProcessPoolShutdownTest.test_context_manager_shutdown": (
         _PRIVATE + "_processes, of a concurrent.futures.ProcessPoolExecutor it builds itself"
     ),
