@@ -24,10 +24,13 @@ WORKLOADS = {
     "S4": "S4: 16 tasks each returning a new 50 MB array",
     "S5": "S5: row sums of a 10 x 1e6 float64 memmap written into an output np.memmap",
     "warm": "Warm start: a second executor (or Parallel call) on a warm pool, up to its first trivial result",
+    "cold": "Cold start: a fresh process's first executor (or Parallel call), up to its first trivial result "
+    "(numpy and the library already imported)",
     "D1": "D1: one 100 MB array passed whole to 8 tasks on a dask LocalCluster (fresh array object each round)",
     "D1-reuse": "D1-reuse: as D1, the same unchanged array object every round",
 }
-ORDER = ["ppe", "ppe-tuned", "ppe-paths", "loky", "joblib", "mmexec", "mmexec-map", "mmexec-Parallel"]
+ORDER = ["ppe", "ppe-tuned", "ppe-paths", "ppe-fork", "ppe-forkserver", "ppe-spawn", "loky", "joblib", "mmexec",
+         "mmexec-map", "mmexec-Parallel"]
 #: The rows mmexec's targets apply to.
 MMEXEC = ("mmexec", "mmexec-map", "mmexec-Parallel")
 #: The row every ratio is taken against.
@@ -90,6 +93,8 @@ TARGETS = [
     Target("S4", "S4 <= 200 ms", "<=200 ms", lambda r, g: r.median <= 0.200),
     Target("S5", "S5 <= 40 ms", "<=40 ms", lambda r, g: r.median <= 0.040),
     Target("warm", "second executor ready <= 5 ms", "<=5 ms", lambda r, g: r.median <= 0.005),
+    Target("cold", "first executor's first result <= 2x ProcessPoolExecutor (forkserver)", "<=2x PPE forkserver",
+           _vs("ppe-forkserver", 2.0)),
 ]
 
 
