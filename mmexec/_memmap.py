@@ -121,6 +121,15 @@ def layout_order(a: np.ndarray) -> str:
 _RESERVE_LOCK = threading.Lock()
 
 
+def _fresh_reserve_lock() -> None:
+    """In a forked child: another thread of the parent may have held the lock at the fork."""
+    global _RESERVE_LOCK
+    _RESERVE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_reserve_lock)
+
+
 def write_array(fd: int, path: str, a: np.ndarray, reserve: bool = False) -> None:
     """Write ``a``'s bytes at the start of ``fd``; on a full disk remove ``path`` and raise TempFolderError.
 

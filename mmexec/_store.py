@@ -28,6 +28,7 @@ store's, then the spare pool's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import resource
@@ -531,6 +532,9 @@ class MemmapStore:
                     os.close(record.fd)
                     _DESCRIPTORS.add(-1)
         self._dumps.clear()
+        for spare in self._lent.values():  # the child's copies of files lent for the parent's results
+            with contextlib.suppress(OSError):
+                os.close(spare.fd)
         self._lent.clear()
         self._folders.clear()
         self._made = []
@@ -627,8 +631,12 @@ def _identity(mm: np.memmap, path: str) -> tuple[int, int] | None:
 
 
 # ------------------------------------------------------------------ fork
-def _after_fork_in_parent() -> None:
-    """A child now maps every file we hold: none of them may serve again for other data."""
+def _before_fork() -> None:
+    """A child is about to map every file we hold: none of them may serve again for other data.
+
+    (Before the fork, not after it in the parent: a file freed in between
+    would otherwise still be recycled while the child maps it.)
+    """
     for store in list(_STORES):
         store._no_reuse()
 
@@ -643,4 +651,4 @@ def _after_fork_in_child() -> None:
         store._after_fork_in_child()
 
 
-os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -35,3 +35,33 @@ def test_parent_and_forked_child_run_side_by_side_with_no_wrong_answer():
     assert "fork" in child["parent_executor"] and "Create a new executor" in child["parent_executor"]
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {name for name in after - before if name.startswith(("mmexec-", "sem.loky-"))}
+
+
+FORK_WHILE_RESERVING = """
+import os, sys
+import numpy as np
+from mmexec import MemmapExecutor, _memmap
+
+def total(a):
+    return float(a.sum())
+
+if __name__ == "__main__":
+    _memmap._RESERVE_LOCK.acquire()  # as if another thread were reserving room for a dump at the fork
+    pid = os.fork()
+    if pid == 0:
+        with MemmapExecutor(1) as ex:  # the child's own executor: its first dump needs the lock
+            ok = ex.submit(total, np.ones(300_000)).result(timeout=60) == 300_000
+        os._exit(0 if ok else 3)
+    _memmap._RESERVE_LOCK.release()
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_a_dump_reserves_room_can_dump(tmp_path):
+    """The reservation lock a parent thread held at the fork is not the child's: its first dump goes through."""
+    script = tmp_path / "fork_reserve.py"
+    script.write_text(FORK_WHILE_RESERVING)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stderr[-3000:]
