@@ -614,20 +614,51 @@ def _from_any_process(path: str) -> str:
     return path
 
 
-def _identity(mm: np.memmap, path: str) -> tuple[int, int] | None:
-    """``(st_dev, st_ino)`` of the file ``mm`` maps, as first seen by mmexec (kept on the memmap)."""
-    ident: tuple[int, int] | None = getattr(mm, "_mmexec_ident", None)
+#: ``(st_dev, st_ino)`` meaning "a caller's own file, identity unknown": workers only check it opens.
+UNKNOWN_IDENTITY = (0, 0)
+_IDENTS: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()  # mmap -> identity
+
+
+def _identity(mm: np.memmap, path: str) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the file ``mm``'s pages come from: the mapping's own file, not what ``path``
+    names now (it may have been replaced or deleted since the map was made). Kept per ``mmap`` object, which
+    every view of the map shares."""
+    key = getattr(mm, "_mmap", None)
+    ident = _IDENTS.get(key) if key is not None else None
     if ident is None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        ident = (st.st_dev, st.st_ino)
-        try:
-            mm._mmexec_ident = ident  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
+        ident = _mapped_file_identity(_address_of(mm)) or _path_identity(path) or UNKNOWN_IDENTITY
+        if key is not None:
+            with contextlib.suppress(TypeError):
+                _IDENTS[key] = ident
     return ident
+
+
+def _address_of(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def _mapped_file_identity(address: int) -> tuple[int, int] | None:
+    """The identity of the file mapped at ``address``, through ``/proc/self/map_files`` (same view as a stat
+    of its path, overlayfs included); None where that is not readable."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            for line in f:
+                span = line.split(b" ", 1)[0]
+                start, end = (int(x, 16) for x in span.split(b"-"))
+                if start <= address < end:
+                    st = os.stat(f"/proc/self/map_files/{span.decode()}")
+                    return (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _path_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 # ------------------------------------------------------------------ fork

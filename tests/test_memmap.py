@@ -72,10 +72,12 @@ def test_a_memfd_mapped_through_proc_self_reaches_workers(mx):
         os.close(fd)
 
 
+@pytest.mark.parametrize("when", ["after a first task", "before any task"])
 @pytest.mark.parametrize("change", ["replaced", "deleted"])
-def test_a_memmap_whose_file_changed_fails_that_task_clearly(mx, tmp_path, change):
+def test_a_memmap_whose_file_changed_fails_that_task_clearly(mx, tmp_path, change, when):
     """A file replaced (or deleted) at the path of a caller's np.memmap fails that task with FileChangedError,
-    never runs it on another file's data, and the executor stays usable."""
+    for the map and for any view of it, even if it changed before mmexec first saw the map (the identity is
+    the mapping's own file); no task runs on another file's data, and the executor stays usable."""
     from _tasks import total
 
     import mmexec
@@ -85,14 +87,16 @@ def test_a_memmap_whose_file_changed_fails_that_task_clearly(mx, tmp_path, chang
     m = np.memmap(path, dtype=np.float64, mode="w+", shape=(n,))
     m[:] = 1.0
     m.flush()
-    assert mx.submit(total, m).result() == n
+    if when == "after a first task":
+        assert mx.submit(total, m).result() == n
     if change == "replaced":
         other = tmp_path / "other.bin"
         np.full(n, 7.0).tofile(other)
         os.replace(other, path)
     else:
         os.unlink(path)
-    with pytest.raises(mmexec.FileChangedError, match=re.escape(str(path))):
-        mx.submit(total, m).result()
+    for arg in (m, m[1000:], m[::2]):
+        with pytest.raises(mmexec.FileChangedError, match=re.escape(str(path))):
+            mx.submit(total, arg).result()
     assert float(m.sum()) == n  # the caller's map still shows its own file
     assert mx.submit(total, np.ones(10)).result() == 10.0
