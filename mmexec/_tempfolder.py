@@ -47,11 +47,19 @@ _LOKY_SEMAPHORE_PREFIX = "sem.loky-"
 
 
 def pid_namespace() -> str:
-    """This process's PID namespace (the inode of ``/proc/self/ns/pid``, hex), or '' if unknown."""
+    """Where this process's pid means something: ``<PID namespace inode>.<boot id>``, or '' if unknown.
+
+    The inode of ``/proc/self/ns/pid`` tells namespaces of one machine apart
+    (every machine's first one has the same inode); the boot id tells
+    machines (and boots) apart, for a temp folder shared over the network.
+    """
     try:
-        return f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip().replace("-", "")[:12]
     except OSError:
         return ""
+    return f"{namespace:x}.{boot}" if boot else ""
 
 
 def sweep_stale_folders(parent: str, dead_callers: set[int] | None = None) -> set[int]:

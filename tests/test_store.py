@@ -19,6 +19,7 @@ import pytest
 from _tasks import describe, held_fds, live_dumps, slice_of
 
 import mmexec._store as store_module
+import mmexec._tempfolder as tempfolder_module
 from mmexec import MemmapExecutor, TempFolderError
 
 
@@ -30,8 +31,8 @@ def test_files_are_private_and_unguessable(mx):
     ((path, fd),) = held_fds(mx).items()
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
-    namespace = f"{os.stat('/proc/self/ns/pid').st_ino:x}"
-    assert re.fullmatch(rf"mmexec-{os.getpid()}-{namespace}-[0-9a-f]{{24}}", os.path.basename(folder))
+    namespace = re.escape(tempfolder_module.pid_namespace())
+    assert namespace and re.fullmatch(rf"mmexec-{os.getpid()}-{namespace}-[0-9a-f]{{24}}", os.path.basename(folder))
     target = os.readlink(path)
     assert re.fullmatch(rf"{re.escape(folder)}/[0-9a-f]{{32}}\.mmap \(deleted\)", target)
     assert os.listdir(folder) == []
@@ -372,12 +373,14 @@ def _dead_pid() -> int:
 def test_the_sweep_judges_only_folders_of_its_own_pid_namespace(tmp_path):
     """With /dev/shm shared across PID namespaces, a pid means nothing outside its own: a folder is removed only
     if it carries this namespace and its pid is dead here, and loky's semaphores only for such a dead caller."""
-    namespace = f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    namespace = tempfolder_module.pid_namespace()
+    inode, boot = namespace.split(".")
     mine, other = _dead_pid(), _dead_pid()
     ours = tmp_path / f"mmexec-{mine}-{namespace}-{'a' * 24}"
-    foreign = tmp_path / f"mmexec-{other}-{int(namespace, 16) + 1:x}-{'b' * 24}"
+    foreign = tmp_path / f"mmexec-{other}-{int(inode, 16) + 1:x}.{boot}-{'b' * 24}"  # another PID namespace
+    elsewhere = tmp_path / f"mmexec-{other}-{inode}.{'0' * 12}-{'d' * 24}"  # another machine (shared folder)
     old_style = tmp_path / f"mmexec-{other}-{'c' * 24}"
-    for folder in (ours, foreign, old_style):
+    for folder in (ours, foreign, elsewhere, old_style):
         folder.mkdir(mode=0o700)
         (folder / "partial.mmap").write_bytes(b"x")
     sem_mine, sem_other = f"/dev/shm/sem.loky-{mine}-test", f"/dev/shm/sem.loky-{other}-test"
@@ -387,7 +390,8 @@ def test_the_sweep_judges_only_folders_of_its_own_pid_namespace(tmp_path):
     try:
         MemmapExecutor(1, temp_folder=str(tmp_path)).shutdown()
         assert not ours.exists() and not os.path.exists(sem_mine)  # dead here: swept, with its semaphores
-        assert foreign.exists() and old_style.exists() and os.path.exists(sem_other)  # not provably dead
+        assert foreign.exists() and elsewhere.exists() and old_style.exists()  # not provably dead
+        assert os.path.exists(sem_other)
     finally:
         for sem in (sem_mine, sem_other):
             with contextlib.suppress(FileNotFoundError):
