@@ -652,7 +652,7 @@ class _Run:
     def _dispatch_some(self) -> None:
         """Dispatch batches until ``pre_dispatch`` batches are in flight (joblib counts batches)."""
         limit = self.p.pre_dispatch
-        while not self.exhausted and (limit is None or len(self.in_flight) < limit):
+        while not self.exhausted and not self.aborted and (limit is None or len(self.in_flight) < limit):
             batch = list(itertools.islice(self.calls, self.batch_size))
             if not batch:
                 self.exhausted = True
@@ -685,7 +685,9 @@ class _Run:
         next_index = 0
         while self.in_flight:
             fut, first, count, sent = self._next_done()
-            del self.in_flight[fut]
+            if self.aborted:  # the with block ended meanwhile (maybe from another thread)
+                break
+            self.in_flight.pop(fut, None)
             values = self._values(fut)
             self._adapt(count, time.monotonic() - sent)
             self._dispatch_some()  # first: the workers get the next batch while this one is reported
@@ -751,7 +753,8 @@ class _Run:
 
     def abort(self) -> None:
         """Stop this call's tasks in flight: cancel those not started, interrupt the running ones."""
-        self.aborted = not self.completed
+        # (every result taken, the generator not yet at its end: nothing is aborted)
+        self.aborted = not self.completed and (bool(self.in_flight) or not self.exhausted)
         in_flight = list(self.in_flight)
         self.in_flight.clear()
         if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:

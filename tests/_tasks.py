@@ -164,3 +164,8 @@ def backend_nesting_level(backend: str) -> int:
 
     with parallel_config(backend) as config:
         return int(config["backend"].nesting_level)
+
+
+def sleep_and_return(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value

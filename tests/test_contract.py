@@ -94,11 +94,14 @@ def test_map_raises_at_the_failing_item(executor):
         next(it)
 
 
-def test_map_timeout_raises_builtin_timeout_error(executor, tmp_path):
-    """A map() result not ready within ``timeout`` raises TimeoutError."""
+def test_map_timeout_raises_futures_timeout_error(executor, tmp_path):
+    """A map() result not ready within ``timeout`` raises concurrent.futures.TimeoutError (the builtin
+    TimeoutError from Python 3.11 on)."""
+    import concurrent.futures
+
     never = str(tmp_path / "never")
     it = executor.map(wait_event, [never], [5.0], timeout=0.2)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(concurrent.futures.TimeoutError):
         next(it)
     open(never, "w").close()
 

@@ -9,6 +9,7 @@ import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
 from math import sqrt
+from typing import Any
 
 import loky
 import numpy as np
@@ -556,3 +557,42 @@ def test_leaving_the_with_block_aborts_an_open_generator_at_once(backend, tmp_pa
         list(out)
     with open(never, "w"):  # let the threads of the threading backend finish
         pass
+
+
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_the_end_of_the_with_block_while_another_thread_takes_results(backend):
+    """The block ends (aborting the call) while another thread iterates its generator: that thread gets
+    AbortedError, never an internal error."""
+    import threading
+    import time
+
+    from _tasks import sleep_and_return
+
+    for _ in range(5):
+        errors: list[BaseException] = []
+        with Parallel(n_jobs=2, backend=backend, return_as="generator_unordered", batch_size=1,
+                      pre_dispatch="64") as parallel:
+            results = parallel(delayed(sleep_and_return)(0.002, i) for i in range(5_000))
+
+            thread = threading.Thread(target=_consume, args=(results, errors))
+            thread.start()
+            time.sleep(0.05)  # not synchronisation: let the consumer take a few results (either way is fine)
+        thread.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], mmexec.AbortedError), errors
+
+
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_a_generator_whose_results_were_all_taken_ends_quietly_after_the_block(backend):
+    """Every result taken inside the block, the generator not yet exhausted: it ends with no error (as joblib)."""
+    with Parallel(n_jobs=2, backend=backend, return_as="generator") as parallel:
+        results = parallel(delayed(square)(i) for i in range(4))
+        assert [next(results) for _ in range(4)] == [0, 1, 4, 9]
+    assert list(results) == []
+
+
+def _consume(results: Any, errors: list[BaseException]) -> None:
+    try:
+        for _ in results:
+            pass
+    except BaseException as exc:  # recorded for the test's assertion
+        errors.append(exc)
