@@ -277,9 +277,22 @@ class parallel_config:  # noqa: N801 - joblib's name
         self.unregister()
 
     def unregister(self) -> None:
-        """Restore the configuration that held before this one (``__exit__`` does it)."""
+        """Restore the configuration that held before this one (``__exit__`` does it).
+
+        Called in another context than the one that created the block (another
+        thread, another asyncio task), it restores the previous configuration
+        there, as joblib does, and raises nothing; calling it again in the
+        creating context then undoes the block there too.
+        """
         while self._tokens:
-            _config.reset(self._tokens.pop())
+            token = self._tokens[-1]
+            try:
+                _config.reset(token)
+            except ValueError:  # a token of another context
+                previous = token.old_value
+                _config.set(None if previous is contextvars.Token.MISSING else previous)
+                return
+            self._tokens.pop()
 
 
 class parallel_backend(parallel_config):  # noqa: N801 - joblib's name

@@ -596,3 +596,34 @@ def _consume(results: Any, errors: list[BaseException]) -> None:
             pass
     except BaseException as exc:  # recorded for the test's assertion
         errors.append(exc)
+
+
+def test_a_parallel_config_left_in_another_thread_or_task_raises_nothing():
+    """Exited in another thread or asyncio task (as fixtures and frameworks do), a block raises nothing, as
+    joblib's; unregister() in the creating context still undoes it there."""
+    import asyncio
+    import threading
+
+    config = parallel_config(n_jobs=3)
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(config.__exit__(None, None, None)))
+    thread.start()
+    thread.join()
+    assert seen == [None] and Parallel().n_jobs == 3  # (still set in this thread)
+    config.unregister()
+    assert Parallel().n_jobs == 1
+
+    async def main() -> int:
+        holder: dict[str, parallel_config] = {}
+
+        async def setup() -> None:
+            holder["config"] = parallel_config(n_jobs=5)
+
+        async def teardown() -> None:
+            holder["config"].__exit__(None, None, None)
+
+        await asyncio.create_task(setup())
+        await asyncio.create_task(teardown())
+        return Parallel().n_jobs
+
+    assert asyncio.run(main()) == 1
