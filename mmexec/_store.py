@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import _janitor
+from ._errors import TempFolderError
 from ._memmap import (
     ArrayRef,
     backing_memmap,
@@ -420,8 +421,21 @@ class MemmapStore:
         return dump
 
     def _write(self, a: np.ndarray) -> str:
-        """Dump ``a`` into a new file; return the path tasks open it by."""
+        """Dump ``a`` into a new file; return the path tasks open it by.
+
+        When the default folder turns out full while reserving (another dump
+        took the room after the free-space check), the dump goes to the
+        system temp folder, as when the check itself finds no room.
+        """
         folder = self._folder_for(a.nbytes)
+        try:
+            return self._write_in(folder, a)
+        except TempFolderError:
+            if self._explicit or os.path.dirname(folder) == fallback_temp_folder():
+                raise
+            return self._write_in(self._private_folder(fallback_temp_folder()), a)
+
+    def _write_in(self, folder: str, a: np.ndarray) -> str:
         fd, path = create_private_file(folder)
         try:
             write_array(fd, path, a, reserve=True)

@@ -396,3 +396,36 @@ def test_the_sweep_judges_only_folders_of_its_own_pid_namespace(tmp_path):
         for sem in (sem_mine, sem_other):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sem)
+
+
+def test_dumps_racing_into_a_nearly_full_default_folder_fall_back_to_the_temp_folder(tmpfs_64m, monkeypatch):
+    """With no folder chosen, a dump that loses the race for the last room in /dev/shm (here a 64 MiB tmpfs
+    standing in for it) goes to the system temp folder, as when the free-space check finds no room."""
+    import threading
+
+    import mmexec._options as options_module
+
+    monkeypatch.setattr(options_module, "SHM_FOLDER", tmpfs_64m)
+    monkeypatch.setattr(store_module, "free_bytes", lambda f: 2**40)  # both pass the check at once
+    monkeypatch.delenv("MMEXEC_TEMP_FOLDER", raising=False)
+    for _ in range(3):
+        barrier = threading.Barrier(2)
+        sums: list[object] = [None, None]
+
+        def dump_one(i: int, barrier: threading.Barrier = barrier, sums: list[object] = sums) -> None:
+            with MemmapExecutor(1) as ex:
+                assert ex._store._base == tmpfs_64m and not ex._store._explicit
+                a = np.full(40 * 2**20 // 8, float(i + 1))
+                barrier.wait()
+                try:
+                    sums[i] = ex.submit(describe, a).result()["sum"]
+                except TempFolderError as exc:
+                    sums[i] = exc
+
+        threads = [threading.Thread(target=dump_one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sums == [float(i + 1) * 40 * 2**20 // 8 for i in range(2)]
+        assert os.listdir(tmpfs_64m) == []
