@@ -51,7 +51,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from loky import BrokenProcessPool
 
 from . import _janitor
-from ._errors import AbortedError, MmexecError
+from ._errors import AbortedError, FileChangedError, MmexecError
 from ._records import Batch, Call, Chunk, Outcomes, Task
 from ._store import Session
 
@@ -434,6 +434,9 @@ class _Core:
         item.payload = item.holds = item.inner = None
         if item.members is None:
             self._settle(item, outcome)
+        elif isinstance(outcome, FileChangedError):  # one call's file: find it, sending them one by one
+            self._take_back(item.members, waiting)
+            item.members = None
         elif isinstance(outcome, BaseException):
             for member in item.members:
                 self._settle(member, outcome)

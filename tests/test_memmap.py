@@ -100,3 +100,22 @@ def test_a_memmap_whose_file_changed_fails_that_task_clearly(mx, tmp_path, chang
             mx.submit(total, arg).result()
     assert float(m.sum()) == n  # the caller's map still shows its own file
     assert mx.submit(total, np.ones(10)).result() == 10.0
+
+
+def test_a_changed_file_fails_only_the_call_that_uses_it_in_a_submit_burst(mx, tmp_path):
+    """Calls of a submit loop travel together; a FileChangedError of one call fails that call only."""
+    from _tasks import total
+
+    import mmexec
+
+    path = tmp_path / "data.bin"
+    np.full(2**14, 1.0).tofile(path)
+    m = np.memmap(path, dtype=np.float64, mode="r")
+    assert mx.submit(total, m).result() == 2**14
+    np.full(2**14, 2.0).tofile(tmp_path / "new.bin")
+    os.replace(tmp_path / "new.bin", path)
+    small = np.ones(10)
+    futures = [mx.submit(total, m if i == 150 else small) for i in range(300)]
+    failed = [i for i, f in enumerate(futures) if f.exception() is not None]
+    assert failed == [150] and isinstance(futures[150].exception(), mmexec.FileChangedError)
+    assert all(f.result() == 10.0 for i, f in enumerate(futures) if i != 150)
