@@ -303,7 +303,10 @@ class MemmapStore:
                 return
             del self._files[path]
             _OWNERS.pop(path, None)
-            kept = record.fd >= 0 and record.reuse is not None and self._spares.put(record.fd, path, *record.reuse)
+            kept = (
+                record.fd >= 0 and record.reuse is not None and not (self._closed and self._explicit)
+                and self._spares.put(record.fd, path, *record.reuse)
+            )  # (after shutdown, a chosen folder keeps nothing: it may be unmounted)
         _DESCRIPTORS.add(-1)
         if record.fd < 0:
             unlink_quietly(path)
