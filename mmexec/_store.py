@@ -227,6 +227,8 @@ class MemmapStore:
                 raise RuntimeError("this executor's temp folder was removed at shutdown")
             folder = self._folders.get(base)
             if folder is None:
+                if self._explicit and not os.path.isdir(base):  # removed since (by another executor that made
+                    self._made[:0] = make_missing_folders(base)  # it): made again, 0700, removed by this one
                 folder = self._folders[base] = make_private_folder(base)
             return folder
 

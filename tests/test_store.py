@@ -445,3 +445,15 @@ def test_a_result_freed_after_shutdown_holds_nothing_in_a_chosen_folder(tmpfs_64
     held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")]
     assert [target for target in held if target.startswith(tmpfs_64m)] == []
+
+
+def test_a_missing_folder_shared_by_two_executors_is_made_private_and_removed(tmp_path):
+    """Two executors given the same missing folder: whichever needs it re-creates it (0700) if the other
+    removed it, and nothing is left once both are shut down."""
+    folder = tmp_path / "sub" / "tf"
+    first, second = MemmapExecutor(1, temp_folder=str(folder)), MemmapExecutor(1, temp_folder=str(folder))
+    first.shutdown()
+    assert second.submit(describe, np.ones(2**18)).result()["type"] == "memmap"
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    second.shutdown()
+    assert not (tmp_path / "sub").exists()
