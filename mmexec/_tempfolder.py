@@ -132,12 +132,28 @@ def unsafe_reason(folder: str) -> str | None:
         if st is not None:
             if st.st_uid not in (uid, 0):
                 return f"{path!r} belongs to another user (uid {st.st_uid})"
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid))
+            if others_write and not st.st_mode & stat.S_ISVTX:
                 return f"{path!r} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit"
         parent = os.path.dirname(path)
         if parent == path:
             return None
         path = parent
+
+
+def _own_group(gid: int) -> bool:
+    """True when no other user belongs to group ``gid`` (a user-private group, as ``umask 002`` setups use)."""
+    import grp
+    import pwd
+
+    uid = os.getuid()
+    try:
+        me = pwd.getpwuid(uid).pw_name
+        members = set(grp.getgrgid(gid).gr_mem)
+        others = {p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_uid != uid}
+    except (KeyError, OSError):
+        return False
+    return members <= {me} and not others
 
 
 def check_safe_folder(folder: str) -> None:

@@ -457,3 +457,28 @@ def test_a_missing_folder_shared_by_two_executors_is_made_private_and_removed(tm
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     second.shutdown()
     assert not (tmp_path / "sub").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a folder to a group")
+def test_a_group_writable_folder_is_refused_only_if_others_are_in_the_group(tmp_path):
+    """Group-writable is fine for a group of this user alone (user-private groups, umask 002); a group
+    another user belongs to (here nobody's, 65534) is refused."""
+    import grp
+
+    try:
+        grp.getgrgid(65534)
+    except KeyError:
+        pytest.skip("no group 65534 here")
+    if not tempfolder_module._own_group(os.getgid()) or tempfolder_module._own_group(65534):
+        pytest.skip("needs this user's group to be private and group 65534 to have another user")
+    private = tmp_path / "private-group"
+    private.mkdir(mode=0o775)
+    os.chown(private, 0, os.getgid())
+    private.chmod(0o775)
+    MemmapExecutor(1, temp_folder=str(private)).shutdown()
+    shared = tmp_path / "shared-group"
+    shared.mkdir()
+    os.chown(shared, 0, 65534)
+    shared.chmod(0o770)
+    with pytest.raises(TempFolderError, match="writable by other users"):
+        MemmapExecutor(1, temp_folder=str(shared))
