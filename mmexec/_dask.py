@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import queue
 import threading
 import weakref
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
+from . import _janitor
 from ._base import QueueExecutor, WorkItem
 from ._errors import LocalMemmapError
 from ._memmap import _contiguous_blocks, backing_memmap
@@ -172,6 +174,8 @@ class DaskScatterStore:
         self._lock = threading.Lock()
         self._entries: dict[int, _Scattered] = {}  # id(array) -> its scattered copy
         self._closed = False
+        # (key, scatter key) of arrays that died, queued by their weakref callbacks (which take no lock)
+        self._forgotten: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
 
     def ref_for(self, a: np.ndarray, holds: Holds) -> int | None:
         """A placeholder for ``a`` in this task, or None to pickle ``a`` into the task."""
@@ -197,18 +201,32 @@ class DaskScatterStore:
             return entry.future
         future = self.client.scatter(a, hash=False)
         entry = _Scattered(weakref.ref(a, partial(self._forget, key, future.key)), future, signature)
+        old = None
         with self._lock:
             self.scatters += 1
             if not self._closed:  # (a changed array's old copy is dropped: dask frees it once no task needs it)
+                old = self._entries.pop(key, None)
                 self._entries[key] = entry
+        del old  # its future is released here, outside the lock (its __del__ may run a collection)
         return future
 
     def _forget(self, key: int, token: str, _: object = None) -> None:
-        """The caller's array died: drop its scattered copy."""
+        """The caller's array died (a weakref callback: takes no lock): drop its scattered copy soon."""
+        self._forgotten.put((key, token))
+        _janitor.post(self._drop_forgotten)
+
+    def _drop_forgotten(self) -> None:
+        dropped = []
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.future.key == token:
-                del self._entries[key]
+            while True:
+                try:
+                    key, token = self._forgotten.get_nowait()
+                except queue.Empty:
+                    break
+                entry = self._entries.get(key)
+                if entry is not None and entry.future.key == token:
+                    dropped.append(self._entries.pop(key))
+        dropped.clear()  # the futures are released outside the lock
 
     def close(self) -> None:
         """Drop every scattered copy (dask frees each once no task needs it). Idempotent."""
