@@ -27,7 +27,7 @@ from mmexec import DaskExecutor, LocalMemmapError, Parallel, delayed, parallel_c
 
 #: Arrays of at least this many bytes are scattered in these tests.
 LIMIT = 64 * 2**10
-BIG = LIMIT // 8  # float64 elements of an array that is scattered
+BIG = LIMIT // 8 + 2  # float64 elements of an array that is scattered (larger than max_nbytes, as joblib; even)
 
 
 # ------------------------------------------------------------------ tasks
@@ -135,9 +135,9 @@ def test_a_large_array_is_scattered_once_for_many_tasks(ex: DaskExecutor, client
 
 def test_small_arrays_and_subclasses_travel_inside_the_task(ex: DaskExecutor, client: Any) -> None:
     """Arrays under max_nbytes, ndarray subclasses and max_nbytes=None are not scattered."""
-    small = np.ones(BIG - 1)
+    small = np.ones(LIMIT // 8)  # exactly max_nbytes: not larger, so not scattered (as joblib)
     masked = np.ma.masked_array(np.ones(2 * BIG), mask=np.arange(2 * BIG) % 2 == 0)
-    assert ex.submit(total, small).result() == BIG - 1
+    assert ex.submit(total, small).result() == LIMIT // 8
     assert ex.submit(total, masked).result() == BIG  # the mask survived: a normal pickle
     with DaskExecutor(client, max_nbytes=None) as never:
         assert never.submit(total, np.ones(2 * BIG)).result() == 2 * BIG
