@@ -169,3 +169,14 @@ def backend_nesting_level(backend: str) -> int:
 def sleep_and_return(seconds: float, value: Any) -> Any:
     time.sleep(seconds)
     return value
+
+
+def run_script(folder: Any, text: str, timeout: float = 300) -> Any:
+    """Write ``text`` as a script in ``folder``, run it with this interpreter; its CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(str(folder), "script.py")
+    with open(script, "w") as f:
+        f.write(text)
+    return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout)

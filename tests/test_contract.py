@@ -357,12 +357,9 @@ if __name__ == "__main__":
 def test_map_with_buffersize_runs_ten_million_items_in_flat_memory(tmp_path):
     """A generator of 10 million items runs in bounded memory: the peak grows by a few MiB, where a list of
     the input alone would take hundreds."""
-    import subprocess
-    import sys
+    from _tasks import run_script
 
-    script = tmp_path / "buffered.py"
-    script.write_text(BUFFERED)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    proc = run_script(tmp_path, BUFFERED)
     assert proc.returncode == 0, proc.stderr[-3000:]
     right, grown_mib = proc.stdout.split()
     assert right == "True" and int(grown_mib) < 64

@@ -377,9 +377,9 @@ DESCRIPTORS = textwrap.dedent(
 def test_ten_thousand_live_results_and_five_thousand_inputs_under_1024_descriptors(tmp_path):
     """Under ulimit -n 1024, 10,000 live large results and 5,000 distinct large inputs work (beyond the
     descriptor budget, results are copied into memory and inputs pickled), and the process exits cleanly."""
-    script = tmp_path / "fds.py"
-    script.write_text(DESCRIPTORS)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    from _tasks import run_script
+
+    proc = run_script(tmp_path, DESCRIPTORS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     status, held = proc.stdout.split()
     assert status == "ok" and int(held) < 1024

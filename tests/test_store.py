@@ -77,20 +77,25 @@ def test_full_shm_falls_back_to_system_temp(mx, monkeypatch):
     assert fallback and [p.startswith(fallback[0]) for p in live_dumps(mx)] == [True]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path) -> Iterator[str]:
-    """A real 1 MiB tmpfs (needs root and mount); skipped where that is not allowed."""
-    mnt = tmp_path / "tiny"
+def _mounted_tmpfs(tmp_path, name: str, options: str) -> Iterator[str]:
+    """A real tmpfs mounted at ``tmp_path/name`` (needs root and mount); skipped where that is not allowed."""
+    mnt = tmp_path / name
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield str(mnt)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path) -> Iterator[str]:
+    """A real 1 MiB tmpfs."""
+    yield from _mounted_tmpfs(tmp_path, "tiny", "size=1m")
 
 
 def test_full_temp_folder_error_says_what_to_do(tiny_tmpfs):
@@ -235,19 +240,8 @@ def test_a_sticky_shared_folder_is_accepted(tmp_path):
 
 @pytest.fixture
 def tmpfs_64m(tmp_path) -> Iterator[str]:
-    """A real 64 MiB tmpfs (needs root and mount); skipped where that is not allowed."""
-    mnt = tmp_path / "t64"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A real 64 MiB tmpfs, private to this user."""
+    yield from _mounted_tmpfs(tmp_path, "t64", "size=64m,mode=0700")
 
 
 def test_two_threads_dumping_into_a_folder_with_room_for_one_do_not_both_fail(tmpfs_64m, monkeypatch):
