@@ -308,13 +308,21 @@ def _set_current(current: tuple[np.ndarray, int] | None) -> None:
 
 
 # ------------------------------------------------------------------- tasks
+_READ_ONLY_HINT = (
+    "mmexec passes large arrays to tasks as memory maps opened with mmap_mode='r' "
+    "(read-only) by default. Pass mmap_mode='c' for a private writable copy in "
+    "each task, or write results into an np.memmap opened with mode 'r+' or 'w+'."
+)
+
+
 def _read_only_hint(exc: BaseException) -> None:
-    if isinstance(exc, ValueError) and "read-only" in str(exc) and hasattr(exc, "add_note"):
-        exc.add_note(
-            "mmexec passes large arrays to tasks as memory maps opened with mmap_mode='r' "
-            "(read-only) by default. Pass mmap_mode='c' for a private writable copy in "
-            "each task, or write results into an np.memmap opened with mode 'r+' or 'w+'."
-        )
+    if not isinstance(exc, ValueError) or "read-only" not in str(exc):
+        return
+    if hasattr(exc, "add_note"):
+        exc.add_note(_READ_ONLY_HINT)
+    else:  # Python 3.10: no notes in tracebacks; the same text, as a note and in the message
+        exc.__notes__ = [_READ_ONLY_HINT]
+        exc.args = (f"{exc.args[0] if exc.args else exc}\n{_READ_ONLY_HINT}", *exc.args[1:])
 
 
 def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
