@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,3 +28,10 @@ def test_chaos_loop_gives_no_wrong_answer_and_leaks_nothing():
     assert after["fds"] <= before["fds"] + 2, seen
     assert [n for n in after["shm"] if n not in before["shm"]] == [], seen
     assert after["rss"] - before["rss"] < 300 * 2**20, seen
+    # once the process has exited, nothing of it is left: no folder, no loky semaphore of its pools (loky's
+    # resource tracker, which outlives it by a moment, unlinks those)
+    prefixes = (f"mmexec-{seen['pid']}-", f"sem.loky-{seen['pid']}-")
+    deadline = time.monotonic() + 30
+    while (left := [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], left
