@@ -417,4 +417,5 @@ def test_ctrl_c_on_parallel_stops_tasks_stuck_in_c_and_exits(tmp_path, presses):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
     _, err = proc.communicate(timeout=60)  # far less than the tasks' 120 s
-    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "KeyboardInterrupt"
+    # (after a second Ctrl-C, loky's resource tracker may add warnings as it removes the pool's semaphores)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err.strip().splitlines()
