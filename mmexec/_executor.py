@@ -544,9 +544,9 @@ class MemmapExecutor(QueueExecutor):
         self._stop_now(grace=0.0)
 
     def _stop_now(self, grace: float) -> None:
-        self._core.stop(cancel_futures=True)
+        self._core.stop(cancel_futures=True)  # refuse new work first, then stop what is running
         self.abort(grace=grace)
-        self.shutdown(wait=True, cancel_futures=True)
+        self._core.join()
 
 
 def _interpreter_exiting() -> bool:

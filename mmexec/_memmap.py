@@ -22,6 +22,7 @@ from ._tempfolder import no_room_error, unlink_quietly
 
 __all__ = [
     "ArrayRef",
+    "address_of",
     "backing_memmap",
     "dump",
     "file_offset_of",
@@ -61,7 +62,8 @@ class ArrayRef:
     ident: tuple[int, int] | None = None
 
 
-def _address(a: np.ndarray) -> int:
+def address_of(a: np.ndarray) -> int:
+    """The address of ``a``'s first byte."""
     return int(a.__array_interface__["data"][0])
 
 
@@ -96,7 +98,7 @@ def file_offset_of(a: np.ndarray, mm: np.memmap) -> int:
     """File offset of ``a``'s first element, ``a`` being a view into ``mm``."""
     start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
     base = np.frombuffer(mm._mmap, dtype=np.uint8)  # type: ignore[attr-defined]
-    return start + _address(a) - _address(base)
+    return start + address_of(a) - address_of(base)
 
 
 def _contiguous_blocks(a: np.ndarray) -> Iterator[np.ndarray]:
@@ -158,10 +160,10 @@ def write_array(fd: int, path: str, a: np.ndarray, reserve: bool = False) -> Non
 def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:
     """True when ``a``'s bytes equal ``flat``, a uint8 map of the file :func:`write_array` wrote."""
     pos = 0
-    base = _address(flat)
+    base = address_of(flat)
     for block in _contiguous_blocks(a):
         n = block.size
-        if pos + n > flat.size or _libc_memcmp(_address(block), base + pos, n) != 0:
+        if pos + n > flat.size or _libc_memcmp(address_of(block), base + pos, n) != 0:
             return False
         pos += n
     return pos == flat.size

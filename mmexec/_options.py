@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
+
+from ._errors import TempFolderError
 
 __all__ = [
     "DEFAULT_MAX_NBYTES",
@@ -84,8 +87,6 @@ def resolve_temp_folder(temp_folder: str | os.PathLike[str] | None) -> tuple[str
 
 def _usable_folder(folder: str, origin: str) -> str:
     """``folder`` if it is an existing folder where files can live; else a clear error at construction."""
-    from ._errors import TempFolderError
-
     real = os.path.realpath(folder)
     problem = None
     if real == "/proc" or real.startswith(("/proc/", "/sys/")) or real == "/sys":
@@ -100,7 +101,7 @@ def _usable_folder(folder: str, origin: str) -> str:
             problem = f"cannot be created: {parent!r} is a file, not a folder"
     if problem is not None:
         raise TempFolderError(
-            20,
+            errno.ENOTDIR,
             f"{origin}={folder!r} {problem}. Choose an existing folder, or leave temp_folder and "
             f"{ENV_TEMP_FOLDER} unset to use /dev/shm.",
         )

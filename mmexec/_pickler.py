@@ -29,7 +29,7 @@ import numpy as np
 
 from ._errors import FileChangedError, ResultError
 from ._memmap import ArrayRef, open_ref, open_whole
-from ._store import ArrayStore, Holds, MemmapStore, owner_of
+from ._store import UNKNOWN_IDENTITY, ArrayStore, Holds, MemmapStore, owner_of
 
 __all__ = ["PROTOCOL", "decode_result", "encode_task", "load_ref", "load_result", "loads"]
 
@@ -111,12 +111,13 @@ def _open_shared(ref: ArrayRef) -> np.memmap:
     """
     if ref.ident is not None:
         _check_identity(ref)
-        try:
-            whole = open_whole(ref.path, ref.mode)
-        except OSError as exc:  # (a caller's own file, gone between the check and here)
-            raise FileChangedError(exc.errno, f"cannot open {ref.path!r} in the worker: {exc.strerror}") from exc
-    else:
+    try:
         whole = open_whole(ref.path, ref.mode)
+    except OSError as exc:
+        if ref.ident is None:
+            raise
+        # (a caller's own file, gone between the check and here)
+        raise FileChangedError(exc.errno, f"cannot open {ref.path!r} in the worker: {exc.strerror}") from exc
     store = owner_of(ref.path)
     if store is not None and store.hold(ref.path, mapped=True):
         weakref.finalize(whole, store.release_later, ref.path, True)
@@ -132,7 +133,7 @@ def _check_identity(ref: ArrayRef) -> None:
             exc.errno, f"the np.memmap passed to this task maps {ref.path!r}, which cannot be opened here "
             f"({exc.strerror}): it was deleted or moved after the caller mapped it"
         ) from exc
-    if ref.ident != (0, 0) and (st.st_dev, st.st_ino) != ref.ident:  # (0, 0): the caller could not tell
+    if ref.ident != UNKNOWN_IDENTITY and (st.st_dev, st.st_ino) != ref.ident:
         raise FileChangedError(
             errno.ESTALE, f"the np.memmap passed to this task maps {ref.path!r}, but that path now names "
             "another file (replaced after the caller mapped it): the task was not run on the wrong data. "

@@ -44,6 +44,7 @@ from . import _janitor
 from ._errors import TempFolderError
 from ._memmap import (
     ArrayRef,
+    address_of,
     backing_memmap,
     file_offset_of,
     layout_order,
@@ -68,7 +69,7 @@ from ._tempfolder import (
     unlink_quietly,
 )
 
-__all__ = ["ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
+__all__ = ["UNKNOWN_IDENTITY", "ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
 
 # reference path -> the store that keeps it open; lets any store hold a dump another made
 # (a result of one executor passed to another).
@@ -229,6 +230,8 @@ class MemmapStore:
             if folder is None:
                 if self._explicit and not os.path.isdir(base):  # removed since (by another executor that made
                     self._made[:0] = make_missing_folders(base)  # it): made again, 0700, removed by this one
+                if base not in (self._base, SHM_FOLDER):  # (those two were swept when the store was made)
+                    sweep_stale_folders(base)
                 folder = self._folders[base] = make_private_folder(base)
             return folder
 
@@ -361,16 +364,14 @@ class MemmapStore:
             return None  # the parent's file, seen through a map inherited at a fork: dumped anew
         owner = owner_of(path)
         ident = None
-        if owner is not None:
-            if not owner.hold(path):
+        if owner is not None:  # mmexec's own file (a result, a dump): tasks get it as any dump, never writable
+            if not owner.hold(path):  # (unless the executor's mmap_mode says so)
                 return None  # its file is gone: treat ``a`` as an ordinary array
             holds.files.append((owner, path))
-        else:  # a caller's own np.memmap: by its path as seen from any process, and its identity
-            path = _from_any_process(path)
+            mode = self.mmap_mode
+        else:  # a caller's own np.memmap: by its path as seen from any process, and its identity; writable
+            path = _from_any_process(path)  # if the caller opened it so on purpose (seed E7)
             ident = _identity(mm, path)
-        if owner is not None:  # mmexec's own file (a result, a dump): tasks get it as any dump, never writable
-            mode = self.mmap_mode  # unless the executor says so
-        else:  # the caller opened this np.memmap itself: writable if it did so on purpose (seed E7)
             mode = "r+" if mm.mode in ("r+", "w+") else "r"
         return ArrayRef(path, a.dtype, a.shape, a.strides, file_offset_of(a, mm), "C", mode, ident)
 
@@ -645,15 +646,11 @@ def _identity(mm: np.memmap, path: str) -> tuple[int, int]:
     key = getattr(mm, "_mmap", None)
     ident = _IDENTS.get(key) if key is not None else None
     if ident is None:
-        ident = _mapped_file_identity(_address_of(mm)) or _path_identity(path) or UNKNOWN_IDENTITY
+        ident = _mapped_file_identity(address_of(mm)) or _path_identity(path) or UNKNOWN_IDENTITY
         if key is not None:
             with contextlib.suppress(TypeError):
                 _IDENTS[key] = ident
     return ident
-
-
-def _address_of(a: np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0])
 
 
 def _mapped_file_identity(address: int) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -46,12 +47,14 @@ _WRITER_PREFIX = "w"
 _LOKY_SEMAPHORE_PREFIX = "sem.loky-"
 
 
+@functools.cache
 def pid_namespace() -> str:
     """Where this process's pid means something: ``<PID namespace inode>.<boot id>``, or '' if unknown.
 
     The inode of ``/proc/self/ns/pid`` tells namespaces of one machine apart
     (every machine's first one has the same inode); the boot id tells
     machines (and boots) apart, for a temp folder shared over the network.
+    Neither changes during a process's life: read once.
     """
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -196,8 +199,8 @@ def remove_folders_made(folders: list[str]) -> None:
 
 
 def make_private_folder(parent: str) -> str:
-    """Create ``parent/mmexec-<pid>-<random>`` with mode 0700 and track it."""
-    sweep_stale_folders(parent)
+    """Create ``parent/mmexec-<pid>-<random>`` with mode 0700 and track it (sweeping ``parent`` is the
+    caller's: see :func:`sweep_stale_folders`)."""
     try:
         os.makedirs(parent, exist_ok=True)
         check_safe_folder(parent)
