@@ -55,7 +55,7 @@ from ._errors import AbortedError, FileChangedError, MmexecError
 from ._records import Batch, Call, Chunk, Outcomes, Task
 from ._store import Session
 
-__all__ = ["Backend", "QueueExecutor", "WorkItem", "finish_work_at_exit", "interpreter_exiting"]
+__all__ = ["PACKET_MAX", "Backend", "QueueExecutor", "WorkItem", "finish_work_at_exit", "interpreter_exiting"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ _ABORT_POLL = 0.05
 #: map() with chunksize=None cuts the calls into about this many chunks per worker.
 _CHUNKS_PER_WORKER = 8
 #: Most single calls sent together as one packet when many wait (see ``_Core._pack``).
-_PACKET_MAX = 32
+PACKET_MAX = 32
 
 _global_shutdown = False
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
@@ -156,6 +156,8 @@ class Backend(Protocol):
 
     #: How many tasks are sent at most before the first is done.
     window: int
+    #: Most single calls sent together as one task (1: never pack, each call is one task of the pool).
+    max_packet: int
 
     def start(self) -> None:
         """Called in the caller's thread before the first task is queued: start what must run then."""
@@ -397,14 +399,14 @@ class _Core:
     def _pack(self, first: WorkItem, waiting: deque[WorkItem], share: int) -> WorkItem:
         """Many single calls wait (a submit loop): send ``first`` and the next ones of its burst together.
 
-        One packet of up to :data:`_PACKET_MAX` calls travels and runs as one
+        One packet of up to ``backend.max_packet`` calls travels and runs as one
         task, which spares a round trip per call; each call's future still
         gets its own result. A packet takes about a ``2 * window``-th of what
         waits, so every worker stays busy, and at most ``share`` calls: no more
         than ``2 * window`` calls are in flight in all, so that, as in the
         standard library, most queued futures can still be cancelled.
         """
-        size = min(_PACKET_MAX, len(waiting) // (2 * self.backend.window) + 1, share)
+        size = min(self.backend.max_packet, len(waiting) // (2 * self.backend.window) + 1, share)
         members = [first]
         while len(members) < size and waiting:
             item = waiting[0]

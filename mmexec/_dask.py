@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 import numpy as np
 
 from . import _janitor
-from ._base import QueueExecutor, WorkItem
+from ._base import PACKET_MAX, QueueExecutor, WorkItem
 from ._errors import LocalMemmapError
 from ._memmap import _contiguous_blocks, backing_memmap
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
@@ -276,6 +276,7 @@ class _DaskBackend:
     def __init__(self, client: Any, store: DaskScatterStore, threads: int) -> None:
         self.store = store
         self.window = 2 * threads + 1
+        self.max_packet = PACKET_MAX
         self._executor: Executor = client.get_executor(pure=False)
 
     def start(self) -> None:

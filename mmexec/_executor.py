@@ -33,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import process as _stdlib_process
 from types import FrameType, MappingProxyType
 from typing import Any
 
@@ -41,7 +42,7 @@ import loky
 import numpy as np
 from loky import BrokenProcessPool
 
-from ._base import QueueExecutor, WorkItem, finish_work_at_exit, interpreter_exiting
+from ._base import PACKET_MAX, QueueExecutor, WorkItem, finish_work_at_exit, interpreter_exiting
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
 from ._pickler import decode_result, encode_task
@@ -129,11 +130,85 @@ class _Pools:
         return pool
 
 
-def _own_pool(max_workers: int, context: Any = None, init: tuple[Any, ...] | None = None) -> Any:
-    """A loky pool for one executor alone; ``init`` is ``(token, initializer, initargs)``."""
-    return loky.ProcessPoolExecutor(
-        max_workers, context=context, initializer=start_worker, initargs=(os.getpid(), init)
-    )
+def _own_pool(
+    max_workers: int, context: Any = None, init: tuple[Any, ...] | None = None, stdlib: bool = False,
+    max_tasks_per_child: int | None = None,
+) -> Any:
+    """A pool for one executor alone; ``init`` is ``(token, initializer, initargs)``.
+
+    A loky pool, or with ``stdlib`` the standard library's own
+    ``ProcessPoolExecutor``: for a ``fork`` or ``forkserver`` context, whose
+    workers inherit the caller's state as the user asked, and for
+    ``max_tasks_per_child``, which only the standard library's pool honours.
+    """
+    initargs = (os.getpid(), init)
+    if stdlib:
+        extra = {} if max_tasks_per_child is None else {"max_tasks_per_child": max_tasks_per_child}
+        return _stdlib_process.ProcessPoolExecutor(
+            max_workers, mp_context=context, initializer=start_worker, initargs=initargs, **extra
+        )
+    return loky.ProcessPoolExecutor(max_workers, context=context, initializer=start_worker, initargs=initargs)
+
+
+def _start_stdlib_pool(pool: Any) -> None:
+    """Start a standard-library pool's workers now, as its first ``submit`` would (they show in ``_processes``
+    as soon as the caller's first ``submit`` returns, as with ``ProcessPoolExecutor``).
+
+    With ``fork`` every worker starts; otherwise one, counted as idle so that
+    the first task sent runs on it instead of starting another. (Reads the
+    pool's private state, the same from Python 3.10 to 3.14.)
+    """
+    try:
+        lock, idle = pool._shutdown_lock, pool._idle_worker_semaphore
+        dynamic = pool._safe_to_dynamically_spawn_children
+    except AttributeError:  # another layout: the pool starts its workers at the first task
+        return
+    with lock:
+        if pool._broken or pool._shutdown_thread or interpreter_exiting() or _interpreter_exiting():
+            return
+        if dynamic and not pool._processes:
+            pool._adjust_process_count()  # no worker is idle yet: starts one
+            idle.release()
+        pool._start_executor_manager_thread()
+
+
+def _is_broken(pool: Any) -> bool:
+    """Whether a loky or standard-library pool is broken (a worker died)."""
+    return bool(getattr(pool, "_broken", False) or getattr(getattr(pool, "_flags", None), "broken", None))
+
+
+def _start_method(mp_context: Any) -> str | None:
+    """The start method of ``mp_context`` (None for None), or a TypeError naming what was given."""
+    if mp_context is None:
+        return None
+    get = getattr(mp_context, "get_start_method", None)
+    if not callable(get):
+        raise TypeError(
+            "mp_context must be a multiprocessing context, such as multiprocessing.get_context('forkserver'), "
+            f"not {type(mp_context).__name__}"
+        )
+    method: str = get(allow_none=False)
+    return method
+
+
+def _check_max_tasks_per_child(max_tasks_per_child: object, method: str | None) -> None:
+    """Refuse what the standard library refuses, with its messages."""
+    if max_tasks_per_child is None:
+        return
+    if sys.version_info < (3, 11):
+        raise TypeError(
+            "max_tasks_per_child needs Python 3.11 or later, as concurrent.futures.ProcessPoolExecutor's; "
+            f"this is Python {sys.version_info.major}.{sys.version_info.minor}"
+        )
+    if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+        raise TypeError("max_tasks_per_child must be an integer")
+    if max_tasks_per_child <= 0:
+        raise ValueError("max_tasks_per_child must be >= 1")
+    if method == "fork":
+        raise ValueError(
+            "max_tasks_per_child is incompatible with the 'fork' multiprocessing start method; "
+            "supply a different mp_context."
+        )
 
 
 _POOLS = _Pools()
@@ -174,7 +249,7 @@ class _Lease:
                 _POOLS.release(self.pool)
                 self.own = True
                 self.pool = _own_pool(self._max_workers)
-            elif self.pool in _KILLED_POOLS or getattr(getattr(self.pool, "_flags", None), "broken", None):
+            elif self.pool in _KILLED_POOLS or _is_broken(self.pool):
                 self.pool.shutdown(wait=False)
                 self.pool = (self._rebuild or (lambda: _own_pool(self._max_workers)))()
             return self.pool
@@ -237,11 +312,12 @@ class _MemmapBackend:
 
     def __init__(
         self, store: MemmapStore, lease: _Lease, token: str, init_blob: bytes | None, workers: int,
-        threads: int | None = None,
+        threads: int | None = None, max_packet: int = PACKET_MAX,
     ) -> None:
         self.store = store
         self.lease = lease
         self.window = 2 * workers + 1
+        self.max_packet = max_packet
         self._token = token
         self._init_blob = init_blob
         self._workers = workers
@@ -266,6 +342,8 @@ class _MemmapBackend:
         """Start the pool's workers and loky's thread now, in the caller's thread (loky registers its
         exit hook then, before ours: see ``_base.finish_work_at_exit``)."""
         pool = self.lease.pool
+        if isinstance(pool, _stdlib_process.ProcessPoolExecutor):
+            _start_stdlib_pool(pool)
         flags = getattr(pool, "_flags", None)
         ensure_running = getattr(pool, "_ensure_executor_running", None)
         if flags is not None and ensure_running is not None:
@@ -312,7 +390,7 @@ class _MemmapBackend:
         restarted, is replaced; a pool broken otherwise, or the interpreter
         exiting, is final.
         """
-        if isinstance(exc, BrokenProcessPool):
+        if isinstance(exc, _stdlib_process.BrokenProcessPool):
             if pool not in _KILLED_POOLS:
                 raise exc
         elif interpreter_exiting() or _interpreter_exiting():
@@ -326,9 +404,10 @@ class _MemmapBackend:
         assert inner is not None
         exc = inner.exception()
         if exc is not None:
-            if isinstance(exc, BrokenProcessPool):  # a worker died, maybe while writing a result file
+            broken = isinstance(exc, _stdlib_process.BrokenProcessPool)
+            if broken:  # a worker died, maybe while writing a result file
                 self.store.sweep_partial_results()
-            if isinstance(exc, BrokenProcessPool) and self._pools.get(item.slot) in _KILLED_POOLS:
+            if broken and self._pools.get(item.slot) in _KILLED_POOLS:
                 raise _PoolKilledByAbort(
                     "the worker running this task was killed by MemmapExecutor.abort() (of this executor or "
                     "another one sharing the worker pool) after its grace period; the executor moves to a "
@@ -348,7 +427,7 @@ class _MemmapBackend:
         item.slot = -1
 
     def is_fatal(self, exc: BaseException) -> bool:
-        return isinstance(exc, BrokenProcessPool) and not isinstance(exc, _PoolKilledByAbort)
+        return isinstance(exc, _stdlib_process.BrokenProcessPool) and not isinstance(exc, _PoolKilledByAbort)
 
     def wake(self) -> None:
         self.store.apply_releases()
@@ -402,18 +481,25 @@ class MemmapExecutor(QueueExecutor):
     max_workers : int, optional
         Number of worker processes (default: the number of CPUs).
     mp_context : optional
-        Accepted for compatibility with ``ProcessPoolExecutor``; used only to
-        start a pool of this executor's own (see ``initargs``). Shared workers
-        are always started by loky.
+        A ``multiprocessing`` context. ``'fork'`` or ``'forkserver'``: this
+        executor starts workers of its own that way (a standard-library
+        process pool, shut down with the executor), so that they inherit the
+        caller's state as with ``ProcessPoolExecutor``. None, ``'spawn'`` or a
+        loky context: the shared warm loky workers, which are fresh
+        interpreters as under ``'spawn'``.
     initializer, initargs : optional
         ``initializer(*initargs)`` runs once in each worker before the first
         task of this executor. If it raises, the executor is broken and its
         futures raise ``BrokenProcessPool``. If ``initargs`` hold objects that
         only new processes can inherit (a ``multiprocessing.Queue``), this
         executor starts a pool of its own with them, shut down with it.
-    max_tasks_per_child : None
-        Accepted for signature compatibility; only None is supported because
-        loky reuses workers across executors.
+    max_tasks_per_child : int, optional
+        Replace each worker after it ran this many tasks (a ``map`` chunk is
+        one task), as ``ProcessPoolExecutor`` does (Python 3.11 and later),
+        to contain code that leaks. The executor then starts a
+        standard-library pool of its own (``'spawn'`` unless ``mp_context``
+        says otherwise; ``'fork'`` is refused): it starts cold, and the shared
+        warm pool is untouched.
     max_nbytes : int, float, str or None, default '1M'
         Arrays larger than this many bytes are dumped once and passed as
         memory maps; ``'1M'`` is 2**20 bytes. None turns dumping off
@@ -469,30 +555,36 @@ class MemmapExecutor(QueueExecutor):
             or inner_max_num_threads < 1
         ):
             raise ValueError(f"inner_max_num_threads must be a positive int or None, got {inner_max_num_threads!r}")
-        if max_tasks_per_child is not None:
-            raise ValueError(
-                "max_tasks_per_child is not supported by MemmapExecutor: loky reuses its "
-                "workers across executors. Use concurrent.futures.ProcessPoolExecutor "
-                "if workers must be replaced after a number of tasks."
-            )
+        method = _start_method(mp_context)
+        _check_max_tasks_per_child(max_tasks_per_child, method)
         _check_main_guard()
         mode = validate_mmap_mode(mmap_mode)
         limit = None if mode is None else parse_max_nbytes(max_nbytes)  # mmap_mode=None: no maps (as joblib)
         self._store = MemmapStore(limit, mode or "r", temp_folder)
         token = secrets.token_hex(8)
-        init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
+        # fork and forkserver workers inherit state from the caller, as the user asked, and only the
+        # standard library's pool replaces workers after max_tasks_per_child tasks: such an executor
+        # gets a standard-library pool of its own, which runs its initializer as each worker starts.
+        stdlib = max_tasks_per_child is not None or method in ("fork", "forkserver")
+        if stdlib:
+            init_blob, dedicated = None, (None if initializer is None else (initializer, tuple(initargs)))
+        else:
+            init_blob, dedicated = _pickle_initializer(initializer, tuple(initargs))
         # An initializer whose arguments can only be inherited at process start (a
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
-        if dedicated is not None:
-            init = (token, *dedicated)
+        if stdlib or dedicated is not None:
+            init = None if dedicated is None else (token, *dedicated)
 
             def rebuild() -> Any:
-                return _own_pool(max_workers, mp_context, init)
+                return _own_pool(max_workers, mp_context, init, stdlib, max_tasks_per_child)
 
             lease = _Lease(rebuild(), True, max_workers, rebuild)
         else:
             lease = _Lease(*_POOLS.acquire(max_workers), max_workers)
-        backend = _MemmapBackend(self._store, lease, token, init_blob, max_workers, inner_max_num_threads)
+        backend = _MemmapBackend(
+            self._store, lease, token, init_blob, max_workers, inner_max_num_threads,
+            max_packet=1 if max_tasks_per_child is not None else PACKET_MAX,  # the pool counts tasks, not calls
+        )
         self._backend = backend
         self._start(backend, max_workers, "This executor is broken; create a new MemmapExecutor: it gets a fresh "
                     "worker pool.")
@@ -519,6 +611,12 @@ class MemmapExecutor(QueueExecutor):
     def _processes(self) -> Mapping[int, Any]:
         """The standard library's attribute, read-only: :meth:`workers`."""
         return self.workers()
+
+    @property
+    def _mp_context(self) -> Any:
+        """The standard library's attribute: the multiprocessing context that starts this executor's workers."""
+        pool = self._pool
+        return getattr(pool, "_mp_context", None) or getattr(pool, "_context", None)
 
     def terminate_workers(self) -> None:
         """Python 3.14's ``terminate_workers``, for a shared pool: stop this executor's tasks and shut it down.
@@ -550,8 +648,12 @@ class MemmapExecutor(QueueExecutor):
 
 
 def _interpreter_exiting() -> bool:
-    """True once loky's exit hook ran (it refuses new tasks from then on)."""
-    return bool(getattr(loky.process_executor, "_global_shutdown", False)) or sys.is_finalizing()
+    """True once loky's or the standard library's exit hook ran (they refuse new tasks from then on)."""
+    return (
+        bool(getattr(loky.process_executor, "_global_shutdown", False))
+        or bool(getattr(_stdlib_process, "_global_shutdown", False))
+        or sys.is_finalizing()
+    )
 
 
 def _pickle_initializer(

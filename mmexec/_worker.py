@@ -205,9 +205,21 @@ PARENT_CHECK_INTERVAL = 0.5
 
 
 def _exit_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
+    # A forkserver's worker is the forkserver's child, not the caller's: it watches both.
+    ppid = os.getppid()
+    while os.getppid() == ppid and (ppid == parent or _alive(parent)):
         time.sleep(PARENT_CHECK_INTERVAL)
     os._exit(1)  # the caller died: nobody wants our results, free our maps now
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds that pid: ours is gone
+        return False
+    return True
 
 
 def _ensure_watchdog(parent: int) -> None:

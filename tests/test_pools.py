@@ -1,0 +1,155 @@
+"""Executors that need workers of their own: ``max_tasks_per_child`` and a ``fork``/``forkserver`` ``mp_context``.
+
+They get a standard-library process pool of their own (shut down with
+them); every other executor stays on the shared warm loky pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+from _tasks import describe, pid, square
+
+from mmexec import MemmapExecutor
+
+needs_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child is new in Python 3.11")
+
+_state: dict[str, object] = {}
+
+
+def _read_state() -> object:
+    return _state.get("value")
+
+
+def _parent_and_pid() -> tuple[int, int]:
+    return os.getppid(), os.getpid()
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _exit_worker() -> None:
+    os._exit(3)
+
+
+@needs_311
+def test_max_tasks_per_child_replaces_each_worker_after_that_many_tasks():
+    """40 calls queued at once (a submit loop) on one worker with max_tasks_per_child=5: eight workers, five
+    calls each. (A submit loop's calls are never packed together here: the pool counts tasks.)"""
+    with MemmapExecutor(1, max_tasks_per_child=5) as ex:
+        futures = [ex.submit(pid) for _ in range(40)]
+        counts = Counter(f.result(timeout=60) for f in futures)
+        assert sorted(counts.values()) == [5] * 8
+        assert ex._mp_context.get_start_method() == "spawn"  # the standard library's default with it
+        assert len(ex._processes) <= 1
+
+
+@needs_311
+def test_max_tasks_per_child_leaves_the_shared_pool_warm():
+    """Only that executor starts cold: the shared pool's workers serve on, and the two never share a worker."""
+    with MemmapExecutor(2) as shared:
+        before = {shared.submit(pid).result(timeout=60) for _ in range(8)}
+        workers = set(shared.workers())
+        with MemmapExecutor(2, max_tasks_per_child=1) as own:
+            theirs = {f.result(timeout=60) for f in [own.submit(pid) for _ in range(4)]}
+        assert len(theirs) == 4 and not theirs & workers
+        assert set(shared.workers()) == workers
+        assert {shared.submit(pid).result(timeout=60) for _ in range(8)} <= workers | before
+
+
+@needs_311
+def test_max_tasks_per_child_still_passes_arrays_as_memory_maps():
+    a = np.arange(2**18, dtype=np.float64)  # 2 MiB
+    with MemmapExecutor(1, max_tasks_per_child=1) as ex:
+        seen = [f.result(timeout=60) for f in [ex.submit(describe, a) for _ in range(3)]]
+        got = ex.submit(square, a).result(timeout=60)
+    assert all(s["type"] == "memmap" and s["sum"] == a.sum() for s in seen)
+    np.testing.assert_array_equal(got, a**2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_tasks_per_child": 0}, ValueError, "max_tasks_per_child must be >= 1"),
+        ({"max_tasks_per_child": "3"}, TypeError, "max_tasks_per_child must be an integer"),
+        ({"max_tasks_per_child": 2, "mp_context": multiprocessing.get_context("fork")}, ValueError, "'fork'"),
+        ({"mp_context": "fork"}, TypeError, "mp_context must be a multiprocessing context"),
+    ],
+)
+@needs_311
+def test_bad_max_tasks_per_child_or_mp_context_is_refused_at_construction(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MemmapExecutor(1, temp_folder=str(tmp_path), **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="Python 3.10 only")
+def test_max_tasks_per_child_on_python_310_says_it_needs_311():
+    with pytest.raises(TypeError, match="needs Python 3.11"):
+        MemmapExecutor(1, max_tasks_per_child=2)
+
+
+def test_fork_context_workers_inherit_the_callers_state():
+    """mp_context=fork: workers are forked from the caller, so state set at run time is there; the shared
+    (spawn-like) pool imports this module afresh."""
+    _state["value"] = "set at run time"
+    try:
+        with MemmapExecutor(2, mp_context=multiprocessing.get_context("fork")) as ex:
+            assert ex.submit(_read_state).result(timeout=60) == "set at run time"
+            assert ex._mp_context.get_start_method() == "fork"
+            a = np.ones(2**18)
+            assert ex.submit(describe, a).result(timeout=60)["type"] == "memmap"
+        with MemmapExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+            assert ex.submit(_read_state).result(timeout=60) is None
+    finally:
+        _state.clear()
+
+
+def test_forkserver_context_workers_run_tasks():
+    """A forkserver's workers are the server's children, not the caller's: they must not take that for the
+    caller's death (the worker watchdog)."""
+    with MemmapExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as ex:
+        results = [f.result(timeout=60) for f in [ex.submit(_parent_and_pid) for _ in range(6)]]
+        assert all(parent != os.getpid() for parent, _ in results)
+        assert ex.submit(square, 7).result(timeout=60) == 49
+        assert set(ex.workers()) >= {p for _, p in results[-1:]}
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_kill_workers_on_an_own_pool(method):
+    ex = MemmapExecutor(1, mp_context=multiprocessing.get_context(method))
+    fut = ex.submit(_sleep, 60)
+    while not fut.running():
+        time.sleep(0.01)
+    ex.kill_workers()
+    assert fut.done() and isinstance(fut.exception(), CancelledError)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(square, 2)
+
+
+@pytest.mark.parametrize("kwargs", [{"mp_context": "fork"}, {"max_tasks_per_child": 5}])
+def test_dead_worker_of_an_own_pool_breaks_only_that_executor(kwargs):
+    if "max_tasks_per_child" in kwargs and sys.version_info < (3, 11):
+        pytest.skip("max_tasks_per_child is new in Python 3.11")
+    if "mp_context" in kwargs:
+        kwargs = {"mp_context": multiprocessing.get_context(kwargs["mp_context"])}
+    with MemmapExecutor(2) as shared:
+        assert shared.submit(square, 2).result(timeout=60) == 4
+        ex = MemmapExecutor(2, **kwargs)
+        try:
+            with pytest.raises(BrokenProcessPool):
+                ex.submit(_exit_worker).result(timeout=60)
+            with pytest.raises(BrokenProcessPool):
+                ex.submit(square, 2).result(timeout=60)
+        finally:
+            ex.shutdown()
+        assert shared.submit(square, 3).result(timeout=60) == 9
