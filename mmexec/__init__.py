@@ -9,10 +9,12 @@ calls on a dask.distributed cluster; it is imported on first use, so
 
 from __future__ import annotations
 
+import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from loky import BrokenProcessPool
 
+from . import _exit  # noqa: F401  (registers the exit hook now: see _exit)
 from ._errors import (
     AbortedError,
     FileChangedError,
@@ -23,20 +25,38 @@ from ._errors import (
     ResultError,
     TempFolderError,
 )
-from ._executor import MemmapExecutor
-from ._memmap import dump, has_shareable_memory, load
-from ._parallel import (
-    Parallel,
-    cpu_count,
-    delayed,
-    effective_n_jobs,
-    parallel_backend,
-    parallel_config,
-    register_parallel_backend,
-)
 
 if _TYPE_CHECKING:
     from ._dask import DaskExecutor
+    from ._executor import MemmapExecutor
+    from ._memmap import dump, has_shareable_memory, load
+    from ._parallel import (
+        Parallel,
+        cpu_count,
+        delayed,
+        effective_n_jobs,
+        parallel_backend,
+        parallel_config,
+        register_parallel_backend,
+    )
+
+#: Imported on first use (PEP 562), as concurrent.futures does with its executors: a worker
+#: process imports ``mmexec._bootstrap`` without numpy or the rest of the package, and
+#: ``import mmexec`` never imports dask.
+_LAZY = {
+    "DaskExecutor": "._dask",
+    "MemmapExecutor": "._executor",
+    "dump": "._memmap",
+    "has_shareable_memory": "._memmap",
+    "load": "._memmap",
+    "Parallel": "._parallel",
+    "cpu_count": "._parallel",
+    "delayed": "._parallel",
+    "effective_n_jobs": "._parallel",
+    "parallel_backend": "._parallel",
+    "parallel_config": "._parallel",
+    "register_parallel_backend": "._parallel",
+}
 
 __version__ = "0.2.0.dev0"
 
@@ -67,14 +87,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # DaskExecutor lives in an optional part: import it on first use (as
-    # concurrent.futures does with its executors).
-    if name == "DaskExecutor":
-        from ._dask import DaskExecutor
-
-        return DaskExecutor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "DaskExecutor"})
+    return sorted({*globals(), *_LAZY})

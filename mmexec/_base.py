@@ -52,6 +52,7 @@ from loky import BrokenProcessPool
 
 from . import _janitor
 from ._errors import AbortedError, FileChangedError, MmexecError
+from ._exit import interpreter_exiting, refuse_new_work
 from ._records import Batch, Call, Chunk, Outcomes, Task
 from ._store import Session
 
@@ -67,25 +68,12 @@ _CHUNKS_PER_WORKER = 8
 #: Most single calls sent together as one packet when many wait (see ``_Core._pack``).
 PACKET_MAX = 32
 
-_global_shutdown = False
 _live_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
-
-
-def interpreter_exiting() -> bool:
-    """True once the interpreter started to exit (no new work is accepted then)."""
-    return _global_shutdown
-
-
-def _refuse_new_work() -> None:
-    # Registered with threading._register_atexit at import, as the standard library does, so
-    # it runs before every atexit handler: a submit from an atexit handler is refused.
-    global _global_shutdown
-    _global_shutdown = True
 
 
 def _finish_work_at_exit() -> None:
     """At exit, let every executor finish its queued and running tasks (as the standard library)."""
-    _refuse_new_work()
+    refuse_new_work()
     for core in list(_live_cores):
         core.post_stop()
     for core in list(_live_cores):
@@ -111,9 +99,6 @@ def finish_work_at_exit(pool: object) -> None:
         threading._register_atexit(_finish_work_at_exit)  # type: ignore[attr-defined]
     except RuntimeError:  # already exiting
         pass
-
-
-threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
 
 
 def _after_fork_in_child() -> None:
@@ -249,7 +234,7 @@ class _Core:
             raise self._broken_error()
         if self.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _global_shutdown:
+        if interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def stop(self, cancel_futures: bool) -> None:

@@ -34,6 +34,8 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import process as _stdlib_process
+from concurrent.futures.process import BrokenProcessPool as _AnyBrokenPool  # loky's subclass it
+from concurrent.futures.process import ProcessPoolExecutor as _StdlibPool  # bound at import: see _own_pool
 from types import FrameType, MappingProxyType
 from typing import Any
 
@@ -43,12 +45,13 @@ import numpy as np
 from loky import BrokenProcessPool
 
 from ._base import PACKET_MAX, QueueExecutor, WorkItem, finish_work_at_exit, interpreter_exiting
+from ._bootstrap import ABORT_SIGNAL, start_worker
 from ._errors import MainGuardError
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
 from ._pickler import decode_result, encode_task
 from ._records import Outcomes
 from ._store import Holds, MemmapStore, Session
-from ._worker import ABORT_SIGNAL, WorkerContext, run_task, start_worker
+from ._worker import WorkerContext, run_task
 
 __all__ = ["MemmapExecutor"]
 
@@ -140,11 +143,14 @@ def _own_pool(
     ``ProcessPoolExecutor``: for a ``fork`` or ``forkserver`` context, whose
     workers inherit the caller's state as the user asked, and for
     ``max_tasks_per_child``, which only the standard library's pool honours.
+    (``_StdlibPool`` is the class bound when mmexec was imported: a user's
+    ``sitecustomize`` may have installed ``MemmapExecutor`` under the standard
+    library's name since.)
     """
     initargs = (os.getpid(), init)
     if stdlib:
         extra = {} if max_tasks_per_child is None else {"max_tasks_per_child": max_tasks_per_child}
-        return _stdlib_process.ProcessPoolExecutor(
+        return _StdlibPool(
             max_workers, mp_context=context, initializer=start_worker, initargs=initargs, **extra
         )
     return loky.ProcessPoolExecutor(max_workers, context=context, initializer=start_worker, initargs=initargs)
@@ -342,7 +348,7 @@ class _MemmapBackend:
         """Start the pool's workers and loky's thread now, in the caller's thread (loky registers its
         exit hook then, before ours: see ``_base.finish_work_at_exit``)."""
         pool = self.lease.pool
-        if isinstance(pool, _stdlib_process.ProcessPoolExecutor):
+        if isinstance(pool, _StdlibPool):
             _start_stdlib_pool(pool)
         flags = getattr(pool, "_flags", None)
         ensure_running = getattr(pool, "_ensure_executor_running", None)
@@ -390,7 +396,7 @@ class _MemmapBackend:
         restarted, is replaced; a pool broken otherwise, or the interpreter
         exiting, is final.
         """
-        if isinstance(exc, _stdlib_process.BrokenProcessPool):
+        if isinstance(exc, _AnyBrokenPool):
             if pool not in _KILLED_POOLS:
                 raise exc
         elif interpreter_exiting() or _interpreter_exiting():
@@ -404,7 +410,7 @@ class _MemmapBackend:
         assert inner is not None
         exc = inner.exception()
         if exc is not None:
-            broken = isinstance(exc, _stdlib_process.BrokenProcessPool)
+            broken = isinstance(exc, _AnyBrokenPool)
             if broken:  # a worker died, maybe while writing a result file
                 self.store.sweep_partial_results()
             if broken and self._pools.get(item.slot) in _KILLED_POOLS:
@@ -427,7 +433,7 @@ class _MemmapBackend:
         item.slot = -1
 
     def is_fatal(self, exc: BaseException) -> bool:
-        return isinstance(exc, _stdlib_process.BrokenProcessPool) and not isinstance(exc, _PoolKilledByAbort)
+        return isinstance(exc, _AnyBrokenPool) and not isinstance(exc, _PoolKilledByAbort)
 
     def wake(self) -> None:
         self.store.apply_releases()

@@ -10,7 +10,7 @@ its own thread (``_pickler.decode_result``).
 Abort: each task is given a slot in its executor's small shared table. The
 worker writes its pid there while the task runs; to interrupt the task, the
 caller sets the slot's flag and sends :data:`ABORT_SIGNAL`. The handler
-(installed by :func:`start_worker` in every mmexec worker) raises
+(installed by ``_bootstrap.start_worker`` in every mmexec worker) raises
 :class:`TaskAborted` only while that very task runs, so a late signal never
 hits the next task or loky's own loop.
 """
@@ -21,9 +21,6 @@ import io
 import logging
 import os
 import pickle
-import signal
-import threading
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,6 +33,7 @@ import cloudpickle
 import numpy as np
 from loky import BrokenProcessPool
 
+from ._bootstrap import ABORT_SIGNAL
 from ._errors import FileChangedError
 from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, write_array
 from ._pickler import PROTOCOL, load_ref, load_result, loads
@@ -47,14 +45,13 @@ __all__ = [
     "TaskAborted",
     "WorkerContext",
     "in_worker",
+    "initializer_error",
+    "on_abort_signal",
     "run_calls",
     "run_initializer",
     "run_task",
-    "start_worker",
 ]
 
-#: The signal the caller sends to interrupt a task that an abort cancelled.
-ABORT_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,62 +196,6 @@ def _limit_threads(limit: int) -> None:
     threadpool_limits(limits=limit)
 
 
-_watchdog: threading.Thread | None = None
-#: How often a worker checks that the process that started it is still alive.
-PARENT_CHECK_INTERVAL = 0.5
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    # A forkserver's worker is the forkserver's child, not the caller's: it watches both.
-    ppid = os.getppid()
-    while os.getppid() == ppid and (ppid == parent or _alive(parent)):
-        time.sleep(PARENT_CHECK_INTERVAL)
-    os._exit(1)  # the caller died: nobody wants our results, free our maps now
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process now holds that pid: ours is gone
-        return False
-    return True
-
-
-def _ensure_watchdog(parent: int) -> None:
-    """Make this worker exit soon after its parent dies, even in the middle of a task.
-
-    Then loky's resource tracker sees every process gone and removes the
-    caller's folder within seconds instead of after the idle timeout.
-    ``parent`` is the pid of the process that started the pool, passed by it
-    (:func:`start_worker`): ``os.getppid()`` here would already name init if
-    the caller died while this worker was starting.
-    """
-    global _watchdog
-    if _watchdog is None:
-        _watchdog = threading.Thread(target=_exit_when_orphaned, args=(parent,), name="mmexec-watchdog", daemon=True)
-        _watchdog.start()
-
-
-def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any, ...]] | None = None) -> None:
-    """loky's initializer for mmexec's pools: runs once as each worker process starts.
-
-    Starts the watchdog and installs the abort handler before the first task.
-    ``init`` is ``(token, initializer, initargs)`` for an executor whose pool
-    is its own.
-    """
-    _ensure_watchdog(parent)
-    signal.signal(ABORT_SIGNAL, _on_abort_signal)
-    if init is not None:
-        run_initializer(*init)
-        error = _initialized[init[0]]
-        if error is not None:
-            # A pool of the executor's own: the worker exits, as in the stdlib, so what the
-            # initializer sent (log records on a Queue) is flushed before the pool is broken.
-            raise error
-
-
 def run_initializer(token: str, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
     """Run an executor's initializer in this worker and remember how it went.
 
@@ -268,6 +209,11 @@ def run_initializer(token: str, initializer: Callable[..., object], initargs: tu
         _initialized[token] = exc
     else:
         _initialized[token] = None
+
+
+def initializer_error(token: str) -> BaseException | None:
+    """What the executor ``token``'s initializer raised in this worker (None: it ran fine)."""
+    return _initialized.get(token)
 
 
 def _ensure_initialized(ctx: WorkerContext) -> None:
@@ -308,7 +254,8 @@ def _table(ctx: WorkerContext) -> np.ndarray | None:
     return table
 
 
-def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
+def on_abort_signal(signum: int, frame: FrameType | None) -> None:
+    """The abort handler's work (installed by ``_bootstrap.start_worker``): stop the task if it is aborted."""
     current = _current
     if current is not None and current[0][current[1], 1]:
         raise TaskAborted("the caller aborted this task")

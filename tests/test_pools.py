@@ -153,3 +153,21 @@ def test_dead_worker_of_an_own_pool_breaks_only_that_executor(kwargs):
         finally:
             ex.shutdown()
         assert shared.submit(square, 3).result(timeout=60) == 9
+
+
+@pytest.mark.parametrize("kwargs", [{"mp_context": "forkserver"}, {"max_tasks_per_child": 1}])
+def test_own_pools_work_with_memmap_executor_installed_as_the_stdlibs_class(monkeypatch, kwargs):
+    """A sitecustomize that installs MemmapExecutor as concurrent.futures.ProcessPoolExecutor (a drop-in
+    everywhere) must not make an own pool a MemmapExecutor that builds itself again (RecursionError)."""
+    if "max_tasks_per_child" in kwargs and sys.version_info < (3, 11):
+        pytest.skip("max_tasks_per_child is new in Python 3.11")
+    import concurrent.futures
+    import concurrent.futures.process
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", MemmapExecutor, raising=False)
+    monkeypatch.setattr(concurrent.futures.process, "ProcessPoolExecutor", MemmapExecutor)
+    if "mp_context" in kwargs:
+        kwargs = {"mp_context": multiprocessing.get_context(kwargs["mp_context"])}
+    with MemmapExecutor(1, **kwargs) as ex:
+        assert ex.submit(square, 4).result(timeout=60) == 16
+        assert type(ex._pool).__name__ == "ProcessPoolExecutor" and not isinstance(ex._pool, MemmapExecutor)
