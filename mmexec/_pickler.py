@@ -20,7 +20,9 @@ import io
 import os
 import pickle
 import threading
+import types
 import weakref
+from collections import ChainMap
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +38,34 @@ __all__ = ["PROTOCOL", "decode_result", "encode_task", "load_ref", "load_result"
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
+def _reduce_code_keeping_its_file(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a function's code (one sent by value: defined in ``__main__``, say),
+    but with its file name, which cloudpickle 3 replaces with ``<dynamic-code>``: the worker's
+    traceback then names the caller's file and shows the failing line, as ProcessPoolExecutor's does."""
+    assert _CLOUDPICKLE_CODE_REDUCE is not None
+    reduced = _CLOUDPICKLE_CODE_REDUCE(code)
+    ctor, args = reduced[0], reduced[1]
+    if not isinstance(args, tuple):
+        return reduced
+    args = tuple(code.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a for a in args)
+    return (ctor, args, *reduced[2:])
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+
+
 class _TaskPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, with ndarrays swapped for the store's references.
 
     ``reducer_override`` (unlike ``persistent_id``) is not called for ints,
     floats, strings, lists, tuples and dicts, so large argument lists stay cheap.
     """
+
+    dispatch_table = (
+        cloudpickle.Pickler.dispatch_table
+        if _CLOUDPICKLE_CODE_REDUCE is None
+        else ChainMap({types.CodeType: _reduce_code_keeping_its_file}, cloudpickle.Pickler.dispatch_table)
+    )
 
     def __init__(self, file: io.BytesIO, store: ArrayStore, holds: Holds, load: Callable[[Any], Any]) -> None:
         super().__init__(file, protocol=PROTOCOL)

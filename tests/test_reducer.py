@@ -7,7 +7,7 @@ import gc
 
 import numpy as np
 import pytest
-from _tasks import describe, describe_tree, fill, identity, layout, live_dumps, make_array, slice_of
+from _tasks import describe, describe_tree, fill, identity, layout, live_dumps, make_array, run_script, slice_of
 
 from mmexec import MemmapExecutor, has_shareable_memory
 from mmexec._memmap import backing_memmap
@@ -314,3 +314,27 @@ def test_a_writable_memmap_the_caller_opened_is_still_written_by_tasks(tmp_path,
     out = np.memmap(tmp_path / "out.bin", dtype=np.float64, mode="w+", shape=(2**17,))
     assert mx.submit(bump, out).result() == 2**17
     assert float(out.sum()) == 2**17
+
+
+TRACEBACK_SCRIPT = """
+from mmexec import MemmapExecutor
+
+def boom():
+    raise RuntimeError(123)  # the failing line
+
+if __name__ == "__main__":
+    with MemmapExecutor(1) as ex:
+        try:
+            ex.submit(boom).result()
+        except RuntimeError as exc:
+            print(exc.__cause__.tb)
+"""
+
+
+def test_a_function_sent_by_value_keeps_its_file_in_the_workers_traceback(tmp_path):
+    """A task defined in the main script travels by value (cloudpickle); its traceback still names the
+    script and shows the failing line, as ProcessPoolExecutor's does (cloudpickle 3 says <dynamic-code>)."""
+    proc = run_script(tmp_path, TRACEBACK_SCRIPT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f'File "{tmp_path / "script.py"}", line 5, in boom' in proc.stdout, proc.stdout
+    assert "raise RuntimeError(123)  # the failing line" in proc.stdout
