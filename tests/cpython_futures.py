@@ -4,6 +4,7 @@ Usage::
 
     python tests/cpython_futures.py [mmexec:MemmapExecutor] [-v]
     python tests/cpython_futures.py --class concurrent.futures:ProcessPoolExecutor   # baseline
+    python tests/cpython_futures.py mmexec:MemmapExecutor --inject sitecustomize
 
 The tests are not copied here: they are imported, at run time, from the
 standard library of an installed interpreter (``test.test_concurrent_futures``,
@@ -36,12 +37,52 @@ each module's end (the teardown waits for multiprocessing's resource tracker,
 whose pipe the workers hold), and before :data:`WHOLE_PROCESS_TRACKER_TESTS`
 (which stop that tracker and expect it to hold only their own objects).
 
+How child interpreters get the class (``--inject``). Some tests run a
+script in a child interpreter (``assert_python_ok``) that imports the class
+under test as ``from concurrent.futures import <executor_type.__name__>``.
+
+``rewrite`` (the default): that import is rewritten in the script, to import
+the class from its module (``_rewrite_script``). Nothing else changes.
+
+``sitecustomize``: nothing is rewritten. The class is injected into every
+interpreter of the run before that interpreter's own code runs, as a user's
+``sitecustomize`` would do it. The runner writes :data:`SITECUSTOMIZE` into a
+private temporary folder, puts that folder first on ``PYTHONPATH`` and re-runs
+itself in a new process with it (always, so the test process itself starts
+injected: the suite's ``futures.ProcessPoolExecutor`` is the class under test
+there too), and removes the folder when that process ends. Every child
+inherits ``PYTHONPATH``: ``assert_python_ok`` children, multiprocessing
+spawn and forkserver children, resource trackers, loky's workers. The
+sitecustomize
+
+* first runs the ``sitecustomize`` it shadows, if one is further on
+  ``sys.path`` (a venv's, a distribution's), as ``site`` would have;
+* imports the class and stores it as ``concurrent.futures.ProcessPoolExecutor``
+  and ``concurrent.futures.process.ProcessPoolExecutor``: a module global, so
+  ``concurrent.futures``' lazy module ``__getattr__`` never replaces it by the
+  standard library's class;
+* also stores it as ``concurrent.futures.<its __name__>`` (the one step a
+  user would not take): the suite's scripts import it by that name.
+
+``site`` runs ``sitecustomize`` after the ``.pth`` files of site-packages, so
+the venv's own set-up (its ``.pth`` putting the repository on ``sys.path``)
+is untouched and already done. ``assert_python_ok`` starts its children with
+``-I`` (which ignores ``PYTHONPATH``) unless the interpreter needs its
+environment to run, which this run's does: the runner says so to
+``test.support.script_helper`` (its cached ``interpreter_requires_environment``
+answer), and the children run without ``-I``/``-E``. Before the tests, the
+runner checks that the parent, an ``assert_python_ok`` child, a spawn child
+and a worker of the class each see the class as ``ProcessPoolExecutor``, and
+fails otherwise. In this mode the suite's own ``if self.executor_type ==
+futures.ProcessPoolExecutor: skip`` (``test_hang_gh83386``) skips that test,
+as it does for the standard library's class.
+
 Exit status: 0 when the suite passed, 1 when it failed, 2 for usage errors,
 and :data:`SKIP_EXIT` (with a ``SKIP: reason`` line) when no interpreter with
 the tests and the executor's module could be found or prepared. The last
 line printed is a summary that ``tests/test_cpython_futures.py`` parses::
 
-    cpython_futures: python=3.13.0 class=mmexec:MemmapExecutor contexts=spawn ran=.. ...
+    cpython_futures: python=3.13.0 class=mmexec:MemmapExecutor contexts=spawn inject=rewrite ran=.. ...
 """
 
 from __future__ import annotations
@@ -62,6 +103,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -83,7 +125,7 @@ EXTRA_PROCESS_POOL_CLASSES = ("FailingInitializerResourcesTest",)
 # or, for 3.10's single module, "test.test_concurrent_futures.ProcessPoolSpawnProcessPoolExecutorTest...")
 # that are left out for every executor class, each with why. Allowed reasons:
 # the test reads private attributes of the stdlib class, tests
-# max_tasks_per_child, tests fork/forkserver-specific mp_context behaviour, or
+# tests fork/forkserver-specific mp_context behaviour, or
 # relies on CPython-internal process bookkeeping.
 _PRIVATE = "private attribute: reads ProcessPoolExecutor's "
 _INTERNAL = "CPython internals: "
@@ -103,20 +145,19 @@ EXCLUDED: dict[str, str] = {
         "shared pool: expects the workers to exit at shutdown(); the warm pool keeps them by design"
     ),
     "*ProcessPoolShutdownTest.test_context_manager_shutdown": (
-        _PRIVATE + "_processes, of a concurrent.futures.ProcessPoolExecutor it builds itself"
+        "shared pool: joins the workers in _processes after shutdown(), expecting them to exit; the warm "
+        "pool keeps them by design (with the class injected, the ProcessPoolExecutor the test builds is "
+        "MemmapExecutor: the join waits for loky's idle timeout)"
     ),
     "*ProcessPoolShutdownTest.test_del_shutdown": (
-        _PRIVATE + "_processes, _call_queue, _executor_manager_thread, of a ProcessPoolExecutor it builds itself"
+        _PRIVATE + "_executor_manager_thread and _call_queue (of the ProcessPoolExecutor the test builds "
+        "itself, MemmapExecutor when injected), and expects the workers to exit"
     ),
     "*ProcessPoolShutdownTest.test_shutdown_no_wait": (
-        _PRIVATE + "_processes, _call_queue, _executor_manager_thread, of a ProcessPoolExecutor it builds itself"
+        _PRIVATE + "_executor_manager_thread and _call_queue (of the ProcessPoolExecutor the test builds "
+        "itself, MemmapExecutor when injected), and expects the workers to exit"
     ),
     "*ExecutorDeadlockTest.test_shutdown_deadlock_pickle": _PRIVATE + "_executor_manager_thread",
-    "*ProcessPoolExecutorTest.test_traceback": (
-        "the harness: the test's function reaches the worker by value (cloudpickle), so the worker's "
-        "traceback names <dynamic-code> without its source line; __cause__ is the stdlib's _RemoteTraceback "
-        "(tests/test_contract.py checks its text)"
-    ),
     "*ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": (
         "deliberate difference: a result that cannot be unpickled in the caller fails that one future "
         "with mmexec.ResultError and never breaks the pool (the stdlib raises BrokenProcessPool)"
@@ -125,11 +166,6 @@ EXCLUDED: dict[str, str] = {
         "deliberate difference: as test_error_during_result_unpickle_in_result_handler (SystemExit while "
         "unpickling a result fails that future with mmexec.ResultError)"
     ),
-    "*ProcessPoolExecutorTest.test_max_tasks_per_child": "max_tasks_per_child: unsupported by design",
-    "*ProcessPoolExecutorTest.test_max_tasks_per_child_defaults_to_spawn_context": (
-        "max_tasks_per_child: unsupported by design (and reads the private _mp_context)"
-    ),
-    "*ProcessPoolExecutorTest.test_max_tasks_early_shutdown": "max_tasks_per_child: unsupported by design",
     "*ProcessPoolExecutorTest.test_python_finalization_error": (
         _INTERNAL + "makes the stdlib's second thread start fail (threading._start_joinable_thread) "
         "and expects the thread layout of ProcessPoolExecutor's manager and queue feeder"
@@ -206,6 +242,134 @@ def patch_child_scripts(modules: list, cls: type, spec: str) -> None:
                 return __original(*args, **kwargs)
 
             setattr(mod, name, wrapper)
+
+
+#: ``--inject`` modes: how the class under test reaches child interpreters.
+INJECT_MODES = ("rewrite", "sitecustomize")
+
+#: The ``sitecustomize.py`` of ``--inject sitecustomize`` (formatted with the class spec).
+SITECUSTOMIZE = '''# Written by tests/cpython_futures.py --inject sitecustomize for one run, in a private
+# folder put first on PYTHONPATH, and removed with it at the end of the run.
+"""Install {spec} as concurrent.futures.ProcessPoolExecutor, as a user's sitecustomize would."""
+
+import importlib as _importlib
+import importlib.machinery as _machinery
+import importlib.util as _util
+import os as _os
+import sys as _sys
+import traceback as _traceback
+
+#: The class this interpreter runs as ProcessPoolExecutor (the runner checks it in its own process).
+INJECTED_SPEC = {spec!r}
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+
+
+def _chain():
+    """Run the sitecustomize this one shadows (a venv's, a distribution's), as site would have."""
+    path = [entry for entry in _sys.path if _os.path.abspath(entry or _os.curdir) != _HERE]
+    spec = _machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = _util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # what site does with a failing sitecustomize: report it, go on
+        print("Error in the shadowed sitecustomize " + repr(spec.origin) + ":", file=_sys.stderr)
+        _traceback.print_exc()
+    return module
+
+
+def _install():
+    module_name, _, attr = INJECTED_SPEC.partition(":")
+    cls = _importlib.import_module(module_name)
+    for part in attr.split("."):
+        cls = getattr(cls, part)
+    import concurrent.futures
+    import concurrent.futures.process
+
+    # A module global: concurrent.futures' lazy __getattr__ (which would import the
+    # stdlib class and store it there) is never asked for this name again.
+    concurrent.futures.ProcessPoolExecutor = cls
+    concurrent.futures.process.ProcessPoolExecutor = cls
+    # The suite's child scripts import the class under test by its own name
+    # ("from concurrent.futures import {{executor_type.__name__}}"): export it as such too.
+    if getattr(concurrent.futures, cls.__name__, cls) is not cls:
+        raise RuntimeError("concurrent.futures already has another " + cls.__name__)
+    setattr(concurrent.futures, cls.__name__, cls)
+    return cls
+
+
+CHAINED = _chain()  # first: the venv's or the distribution's set-up comes before ours
+INJECTED = _install()
+'''
+
+
+class injected_sitecustomize:
+    """A private folder holding :data:`SITECUSTOMIZE` for ``spec``; ``.env()`` puts it first on PYTHONPATH."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.folder = ""
+
+    def __enter__(self) -> injected_sitecustomize:
+        self.folder = tempfile.mkdtemp(prefix="cpython-futures-inject-")
+        with open(os.path.join(self.folder, "sitecustomize.py"), "w", encoding="utf-8") as f:
+            f.write(SITECUSTOMIZE.format(spec=self.spec))
+        return self
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.folder, os.environ.get("PYTHONPATH")]))
+        return env
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+#: Evaluated in each kind of child interpreter by :func:`check_injection`.
+_INJECTED_PROBE = (
+    "__import__('concurrent.futures').futures.ProcessPoolExecutor.__module__ + ':' + "
+    "__import__('concurrent.futures').futures.ProcessPoolExecutor.__qualname__ + ' ' + "
+    "getattr(__import__('sys').modules.get('sitecustomize'), 'INJECTED_SPEC', '-')"
+)
+
+
+def check_injection(cls: type, spec: str) -> str | None:
+    """Make ``assert_python_ok`` keep PYTHONPATH, then say why the injection is not in effect, or None.
+
+    The parent (this process), an ``assert_python_ok`` child, a multiprocessing
+    ``spawn`` child and a worker of the class under test must each see the
+    class as ``concurrent.futures.ProcessPoolExecutor``, installed by our
+    sitecustomize before their own code ran.
+    """
+    import concurrent.futures
+    import concurrent.futures.process
+    import multiprocessing
+
+    from test.support import script_helper
+
+    site = sys.modules.get("sitecustomize")
+    if getattr(site, "INJECTED_SPEC", None) != spec:
+        return f"this process did not run the injected sitecustomize (it has {site!r}): run without --here"
+    if not (concurrent.futures.ProcessPoolExecutor is cls is concurrent.futures.process.ProcessPoolExecutor):
+        return f"concurrent.futures.ProcessPoolExecutor is {concurrent.futures.ProcessPoolExecutor!r} here"
+    # assert_python_ok runs its children with -I (no PYTHONPATH, so no injection) unless the
+    # interpreter "requires its environment": as this run's does (PYTHONPATH carries the set-up).
+    flag = "__cached_interp_requires_environment"
+    if flag not in vars(script_helper):
+        return f"test.support.script_helper has no {flag}: cannot keep PYTHONPATH for its children"
+    setattr(script_helper, flag, True)
+    expected = f"{cls.__module__}:{cls.__qualname__} {spec}"
+    seen = {"parent": eval(_INJECTED_PROBE)}
+    _rc, out, _err = script_helper.assert_python_ok("-c", f"print({_INJECTED_PROBE})")
+    seen["assert_python_ok child"] = out.decode().strip()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        seen["spawn child"] = pool.apply(eval, (_INJECTED_PROBE,))
+    with cls(max_workers=1) as executor:
+        seen["worker of the class"] = executor.submit(eval, _INJECTED_PROBE).result()
+    _release_reusable_workers()
+    wrong = {where: what for where, what in seen.items() if what != expected}
+    return f"expected {expected!r}, saw {wrong}" if wrong else None
 
 
 def _release_reusable_workers() -> None:
@@ -328,7 +492,18 @@ def run_here(args: argparse.Namespace) -> int:
         return 1
     for mixin in mixins:
         mixin.executor_type = cls
-    patch_child_scripts(modules, cls, args.spec)
+    if args.inject == "sitecustomize":
+        why = check_injection(cls, args.spec)
+        if why:
+            print(f"error: --inject sitecustomize: {why}", file=sys.stderr)
+            return 1
+        print(
+            f"injected by sitecustomize: {args.spec} is concurrent.futures.ProcessPoolExecutor here, in "
+            "assert_python_ok children, spawn children and the class's workers",
+            file=sys.stderr,
+        )
+    else:
+        patch_child_scripts(modules, cls, args.spec)
     release_workers_at_module_end(modules)
     release_workers_before(modules)
     patterns = {} if args.no_exclude else EXCLUDED
@@ -342,7 +517,8 @@ def run_here(args: argparse.Namespace) -> int:
         print(f"known bug (expected failure): {test_id}: {reason}", file=out)
     print(
         f"Running {suite.countTestCases()} process-pool tests of {SUITE} from Python "
-        f"{sys.version.split()[0]} against {args.spec}, contexts {','.join(args.contexts)}",
+        f"{sys.version.split()[0]} against {args.spec}, contexts {','.join(args.contexts)}, "
+        f"injected into child interpreters by {args.inject}",
         file=out,
         flush=True,
     )
@@ -355,7 +531,7 @@ def run_here(args: argparse.Namespace) -> int:
     passed = result.testsRun - bad - len(result.skipped) - len(result.expectedFailures)
     print(
         f"cpython_futures: python={sys.version.split()[0]} class={args.spec} "
-        f"contexts={','.join(args.contexts)} ran={result.testsRun} passed={passed} "
+        f"contexts={','.join(args.contexts)} inject={args.inject} ran={result.testsRun} passed={passed} "
         f"failures={len(result.failures)} errors={len(result.errors)} skipped={len(result.skipped)} "
         f"expected_failures={len(result.expectedFailures)} "
         f"unexpected_successes={len(result.unexpectedSuccesses)} excluded={len(excluded)} "
@@ -495,7 +671,11 @@ def delegate(args: argparse.Namespace, argv: list[str]) -> int:
         if not again or not again["module"]:
             return skip(f"{python} cannot import {module}")
     print(f"cpython_futures: running under {python}", file=sys.stderr, flush=True)
-    return subprocess.run([python, os.path.abspath(__file__), "--here", *argv]).returncode
+    command = [python, os.path.abspath(__file__), "--here", *argv]
+    if args.inject != "sitecustomize":
+        return subprocess.run(command).returncode
+    with injected_sitecustomize(args.spec) as site:  # every interpreter of the run starts with it
+        return subprocess.run(command, env=site.env()).returncode
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -507,6 +687,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--contexts",
         default="spawn",
         help="mp_context variants to run, comma-separated, or 'all' (default: spawn)",
+    )
+    parser.add_argument(
+        "--inject",
+        choices=INJECT_MODES,
+        default="rewrite",
+        help="how child interpreters get the class: their scripts rewritten to import it (default), or a "
+        "sitecustomize on PYTHONPATH installing it as concurrent.futures.ProcessPoolExecutor everywhere",
     )
     parser.add_argument("--no-exclude", action="store_true", help="ignore EXCLUDED and KNOWN_BUGS")
     parser.add_argument("-k", dest="keyword", help="only tests whose id contains this")
@@ -538,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.here:
         return run_here(args)
     here_ok = importlib.util.find_spec("test") is not None and _has_suite()
-    if here_ok and _importable(args.spec.partition(":")[0]) and not args.python:
-        return run_here(args)
+    if here_ok and _importable(args.spec.partition(":")[0]) and not args.python and args.inject == "rewrite":
+        return run_here(args)  # (injection must be there before the interpreter runs: a new process)
     return delegate(args, argv)
 
 
