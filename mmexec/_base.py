@@ -95,10 +95,20 @@ def finish_work_at_exit(pool: object) -> None:
     if _exit_hook_after == id(pool):
         return
     _exit_hook_after = id(pool)
+    hooks = getattr(threading, "_threading_atexits", None)  # partial(function) each, in the order registered
+    if isinstance(hooks, list) and not getattr(threading, "_SHUTTING_DOWN", False):
+        if hooks and _is_ours(hooks[-1]):
+            return  # already the last one registered: it runs first
+        hooks[:] = [hook for hook in hooks if not _is_ours(hook)]  # one at most, or the list grows per pool
     try:
         threading._register_atexit(_finish_work_at_exit)  # type: ignore[attr-defined]
     except RuntimeError:  # already exiting
         pass
+
+
+def _is_ours(hook: object) -> bool:
+    """Whether an entry of threading's exit-hook list (a ``functools.partial``) is :func:`_finish_work_at_exit`."""
+    return getattr(hook, "func", hook) is _finish_work_at_exit
 
 
 def _after_fork_in_child() -> None:

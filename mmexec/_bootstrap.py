@@ -70,9 +70,9 @@ os.register_at_fork(after_in_child=_forget_watchdog)
 
 
 def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
-    worker = sys.modules.get("mmexec._worker")
-    if worker is not None:  # (not imported yet: no task ran, none to stop)
-        worker.on_abort_signal(signum, frame)
+    handler = getattr(sys.modules.get("mmexec._worker"), "on_abort_signal", None)
+    if handler is not None:  # (not imported yet: no task ran, none to stop)
+        handler(signum, frame)
 
 
 def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any, ...]] | None = None) -> None:
@@ -85,11 +85,8 @@ def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any,
     _ensure_watchdog(parent)
     signal.signal(ABORT_SIGNAL, _on_abort_signal)
     if init is not None:
-        from ._worker import initializer_error, run_initializer
-
-        run_initializer(*init)
-        error = initializer_error(init[0])
-        if error is not None:
-            # A pool of the executor's own: the worker exits, as in the stdlib, so what the
-            # initializer sent (log records on a Queue) is flushed before the pool is broken.
-            raise error
+        # A pool of the executor's own: a failure ends this worker, and the pool logs it once and
+        # breaks, as the standard library's does (what the initializer sent, log records on a
+        # Queue, is flushed first).
+        _token, initializer, initargs = init
+        initializer(*initargs)

@@ -25,6 +25,8 @@ Who owns what:
 from __future__ import annotations
 
 import mmap
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import secrets
 import signal
@@ -150,10 +152,31 @@ def _own_pool(
     initargs = (os.getpid(), init)
     if stdlib:
         extra = {} if max_tasks_per_child is None else {"max_tasks_per_child": max_tasks_per_child}
+        context = _context_for_a_loky_worker(context, max_tasks_per_child)
         return _StdlibPool(
             max_workers, mp_context=context, initializer=start_worker, initargs=initargs, **extra
         )
     return loky.ProcessPoolExecutor(max_workers, context=context, initializer=start_worker, initargs=initargs)
+
+
+def _context_for_a_loky_worker(context: Any, max_tasks_per_child: int | None) -> Any:
+    """In a loky worker (a task making its own executor), a standard-library pool's children must find loky.
+
+    Its start method there is loky's, which spawn and forkserver children
+    are told to set but do not know: the forkserver preloads loky's contexts,
+    and ``max_tasks_per_child`` without a context (spawn elsewhere) starts its
+    workers with loky's own method, a fresh interpreter as spawn's.
+    """
+    if multiprocessing.get_start_method(allow_none=True) not in ("loky", "loky_init_main"):
+        return context
+    if context is None and max_tasks_per_child is not None:
+        return loky.backend.context.get_context("loky")
+    if context is not None and context.get_start_method() == "forkserver":
+        preload = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_preload_modules", None)
+        modules = list(preload) if isinstance(preload, list) else []
+        if "loky.backend.context" not in modules:
+            context.set_forkserver_preload([*modules, "loky.backend.context"])
+    return context
 
 
 def _start_stdlib_pool(pool: Any) -> None:
@@ -176,6 +199,21 @@ def _start_stdlib_pool(pool: Any) -> None:
             pool._adjust_process_count()  # no worker is idle yet: starts one
             idle.release()
         pool._start_executor_manager_thread()
+
+
+def _shutdown_soon(pool: Any) -> None:
+    """Shut a broken pool down without waiting here.
+
+    A standard-library pool is shut down with ``wait=True`` on a thread of
+    its own: before Python 3.14, ``shutdown(wait=False)`` empties its
+    ``_processes`` while its manager thread may still replace a worker that
+    ended (``max_tasks_per_child``), which kills that thread and leaves its
+    futures pending (CPython gh-132969).
+    """
+    if isinstance(pool, _StdlibPool):
+        threading.Thread(target=pool.shutdown, kwargs={"wait": True}, name="mmexec-pool-shutdown", daemon=True).start()
+    else:
+        pool.shutdown(wait=False)
 
 
 def _is_broken(pool: Any) -> bool:
@@ -256,7 +294,7 @@ class _Lease:
                 self.own = True
                 self.pool = _own_pool(self._max_workers)
             elif self.pool in _KILLED_POOLS or _is_broken(self.pool):
-                self.pool.shutdown(wait=False)
+                _shutdown_soon(self.pool)
                 self.pool = (self._rebuild or (lambda: _own_pool(self._max_workers)))()
             return self.pool
 
@@ -592,6 +630,7 @@ class MemmapExecutor(QueueExecutor):
             max_packet=1 if max_tasks_per_child is not None else PACKET_MAX,  # the pool counts tasks, not calls
         )
         self._backend = backend
+        self._context_used = getattr(lease.pool, "_mp_context", None) or getattr(lease.pool, "_context", None)
         self._start(backend, max_workers, "This executor is broken; create a new MemmapExecutor: it gets a fresh "
                     "worker pool.")
         self._store.waker = self._core.wake  # releases posted by finalizers are applied by the manager
@@ -621,8 +660,7 @@ class MemmapExecutor(QueueExecutor):
     @property
     def _mp_context(self) -> Any:
         """The standard library's attribute: the multiprocessing context that starts this executor's workers."""
-        pool = self._pool
-        return getattr(pool, "_mp_context", None) or getattr(pool, "_context", None)
+        return self._context_used
 
     def terminate_workers(self) -> None:
         """Python 3.14's ``terminate_workers``, for a shared pool: stop this executor's tasks and shut it down.

@@ -45,7 +45,6 @@ __all__ = [
     "TaskAborted",
     "WorkerContext",
     "in_worker",
-    "initializer_error",
     "on_abort_signal",
     "run_calls",
     "run_initializer",
@@ -209,11 +208,6 @@ def run_initializer(token: str, initializer: Callable[..., object], initargs: tu
         _initialized[token] = exc
     else:
         _initialized[token] = None
-
-
-def initializer_error(token: str) -> BaseException | None:
-    """What the executor ``token``'s initializer raised in this worker (None: it ran fine)."""
-    return _initialized.get(token)
 
 
 def _ensure_initialized(ctx: WorkerContext) -> None:

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from _tasks import describe, pid, square
+from _tasks import describe, pid, run_script, square
 
 from mmexec import MemmapExecutor
 
@@ -171,3 +171,74 @@ def test_own_pools_work_with_memmap_executor_installed_as_the_stdlibs_class(monk
     with MemmapExecutor(1, **kwargs) as ex:
         assert ex.submit(square, 4).result(timeout=60) == 16
         assert type(ex._pool).__name__ == "ProcessPoolExecutor" and not isinstance(ex._pool, MemmapExecutor)
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def _executor_inside_a_task(kind: str) -> list[int]:
+    if kind == "max_tasks_per_child":
+        ex = MemmapExecutor(2, max_tasks_per_child=2)
+    else:
+        ex = MemmapExecutor(2, mp_context=multiprocessing.get_context(kind))
+    with ex:
+        return [f.result(timeout=60) for f in [ex.submit(_double, i) for i in range(4)]]
+
+
+@pytest.mark.parametrize("kind", ["fork", "forkserver", "spawn", "max_tasks_per_child"])
+def test_a_task_can_start_an_executor_of_its_own(kind):
+    """Inside a loky worker the start method is loky's, which a standard-library pool's spawn or forkserver
+    children are told to set but did not know (BrokenProcessPool)."""
+    if kind == "max_tasks_per_child" and sys.version_info < (3, 11):
+        pytest.skip("max_tasks_per_child is new in Python 3.11")
+    with MemmapExecutor(1) as ex:
+        assert ex.submit(_executor_inside_a_task, kind).result(timeout=120) == [0, 2, 4, 6]
+
+
+def test_threadings_exit_hooks_do_not_grow_with_tasks_on_two_pools():
+    """mmexec re-registers its exit hook after each pool's; alternating pools must not add one per task."""
+    import threading
+
+    from mmexec._base import _finish_work_at_exit
+
+    hooks = threading._threading_atexits  # type: ignore[attr-defined]
+    with MemmapExecutor(1) as shared, MemmapExecutor(1, mp_context=multiprocessing.get_context("fork")) as own:
+        before = len(hooks)
+        for i in range(50):
+            assert shared.submit(abs, -i).result(timeout=60) == i
+            assert own.submit(abs, -i).result(timeout=60) == i
+        assert len(hooks) <= before + 1
+        assert sum(getattr(h, "func", h) is _finish_work_at_exit for h in hooks) == 1
+
+
+INIT_FAILS = """
+import multiprocessing
+from mmexec import MemmapExecutor
+
+def bad_init():
+    raise ValueError("initializer failed on purpose")
+
+if __name__ == "__main__":
+    with MemmapExecutor(1, mp_context=multiprocessing.get_context("{method}"), initializer=bad_init) as ex:
+        try:
+            ex.submit(abs, -1).result(timeout=60)
+        except Exception as exc:
+            print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_failing_initializer_on_an_own_pool_is_logged_once_and_breaks_it(tmp_path, method):
+    """As in the standard library: one 'Exception in initializer' record, then BrokenProcessPool."""
+    proc = run_script(tmp_path, INIT_FAILS.format(method=method), timeout=120)
+    assert proc.stdout.strip() == "BrokenProcessPool", proc.stderr
+    assert proc.stderr.count("Exception in initializer") == 1, proc.stderr
+    assert proc.stderr.count("ValueError: initializer failed on purpose") == 1, proc.stderr
+
+
+def test_mp_context_stays_readable_after_shutdown():
+    ex = MemmapExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    ex.submit(abs, 1).result(timeout=60)
+    ex.shutdown()
+    assert ex._mp_context.get_start_method() == "fork"
