@@ -658,6 +658,12 @@ class MemmapExecutor(QueueExecutor):
         return self.workers()
 
     @property
+    def _executor_manager_thread(self) -> threading.Thread | None:
+        """The standard library's attribute: the thread that sends this executor's tasks and sets its futures
+        (None before the first ``submit``); it ends once the executor is shut down and its work is done."""
+        return self._core.thread
+
+    @property
     def _mp_context(self) -> Any:
         """The standard library's attribute: the multiprocessing context that starts this executor's workers."""
         return self._context_used

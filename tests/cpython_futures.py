@@ -150,14 +150,13 @@ EXCLUDED: dict[str, str] = {
         "MemmapExecutor: the join waits for loky's idle timeout)"
     ),
     "*ProcessPoolShutdownTest.test_del_shutdown": (
-        _PRIVATE + "_executor_manager_thread and _call_queue (of the ProcessPoolExecutor the test builds "
-        "itself, MemmapExecutor when injected), and expects the workers to exit"
+        "shared pool: joins the workers of the ProcessPoolExecutor it builds (MemmapExecutor when injected) "
+        "after shutdown, expecting them to exit; the warm pool keeps them by design (it also joins the "
+        "private _call_queue's feeder thread)"
     ),
     "*ProcessPoolShutdownTest.test_shutdown_no_wait": (
-        _PRIVATE + "_executor_manager_thread and _call_queue (of the ProcessPoolExecutor the test builds "
-        "itself, MemmapExecutor when injected), and expects the workers to exit"
+        "shared pool: as test_del_shutdown, after shutdown(wait=False)"
     ),
-    "*ExecutorDeadlockTest.test_shutdown_deadlock_pickle": _PRIVATE + "_executor_manager_thread",
     "*ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": (
         "deliberate difference: a result that cannot be unpickled in the caller fails that one future "
         "with mmexec.ResultError and never breaks the pool (the stdlib raises BrokenProcessPool)"

@@ -396,3 +396,17 @@ def test_workers_and_processes_show_the_worker_processes():
         assert dict(ex._processes) == dict(workers)
         with pytest.raises(TypeError):
             ex._processes[1] = None  # type: ignore[index]
+
+
+def test_executor_manager_thread_is_the_thread_that_serves_the_executor():
+    """The stdlib's attribute (CPython's test_shutdown_deadlock_pickle joins it): None before the first
+    submit, alive while work runs, ended once shutdown(wait=False) has finished the work."""
+    ex = MemmapExecutor(1)
+    assert ex._executor_manager_thread is None
+    assert ex.submit(square, 3).result(timeout=60) == 9
+    thread = ex._executor_manager_thread
+    assert thread is not None and thread.is_alive()
+    fut = ex.submit(square, 4)
+    ex.shutdown(wait=False)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and fut.result() == 16
