@@ -107,8 +107,16 @@ def finish_work_at_exit(pool: object) -> None:
 
 
 def _is_ours(hook: object) -> bool:
-    """Whether an entry of threading's exit-hook list (a ``functools.partial``) is :func:`_finish_work_at_exit`."""
-    return getattr(hook, "func", hook) is _finish_work_at_exit
+    """Whether an entry of threading's exit-hook list (a partial, or a lambda on 3.13) is ours."""
+    if getattr(hook, "func", None) is _finish_work_at_exit:
+        return True  # functools.partial (3.10-3.12)
+    for cell in getattr(hook, "__closure__", None) or ():  # lambda: func(*arg, **kwargs) (3.13)
+        try:
+            if cell.cell_contents is _finish_work_at_exit:
+                return True
+        except ValueError:  # an empty cell
+            pass
+    return hook is _finish_work_at_exit
 
 
 def _after_fork_in_child() -> None:

@@ -6,6 +6,7 @@ import gc
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,22 @@ def nested_parallel_warnings(backend: str) -> tuple[list[int], list[str], str]:
 def layout(x: np.ndarray) -> tuple[tuple[int, ...], str, bool, float]:
     """What a worker sees of an array's layout: shape, dtype, C-contiguity, and the sum of its values."""
     return x.shape, x.dtype.str, bool(x.flags.c_contiguous), float(x.sum())
+
+
+def relayout_in_place(a: np.ndarray, shape: tuple[int, ...] | None = None, dtype: Any = None) -> None:
+    """``a.shape = shape`` and/or ``a.dtype = dtype``: the same array object, a new layout of its bytes.
+
+    NumPy 2.5 deprecates both assignments (a DeprecationWarning, an error
+    under this suite's ``filterwarnings = error``) but still performs them,
+    and older NumPy does so silently: code can still change an array this
+    way between two submits, which is what the tests that call this check.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Setting the (shape|dtype) on a NumPy array", DeprecationWarning)
+        if shape is not None:
+            a.shape = shape
+        if dtype is not None:
+            a.dtype = dtype
 
 
 def total(a: np.ndarray) -> float:

@@ -7,7 +7,18 @@ import gc
 
 import numpy as np
 import pytest
-from _tasks import describe, describe_tree, fill, identity, layout, live_dumps, make_array, run_script, slice_of
+from _tasks import (
+    describe,
+    describe_tree,
+    fill,
+    identity,
+    layout,
+    live_dumps,
+    make_array,
+    relayout_in_place,
+    run_script,
+    slice_of,
+)
 
 from mmexec import MemmapExecutor, has_shareable_memory
 from mmexec._memmap import backing_memmap
@@ -181,11 +192,11 @@ def test_shape_or_dtype_changed_in_place_is_never_stale(mx):
     a = np.arange(2**18, dtype=np.float64)
     expected = layout(a)
     assert mx.submit(layout, a).result() == expected
-    a.shape = (512, 512)
+    relayout_in_place(a, shape=(512, 512))
     assert mx.submit(layout, a).result() == layout(a) == ((512, 512), "<f8", True, expected[3])
-    a.dtype = np.int64
+    relayout_in_place(a, dtype=np.int64)
     assert mx.submit(layout, a).result() == layout(a)
-    a.shape = (-1,)
+    relayout_in_place(a, shape=(-1,))
     assert mx.submit(layout, a).result() == layout(a)
     assert list(mx.map(layout, [a, a])) == [layout(a)] * 2
 

@@ -29,7 +29,7 @@ def total(a):
 
 
 def child(ex, inherited, a, go, report):
-    out = {"wrong": 0}
+    out = {"wrong": 0, "pid": os.getpid()}
     os.read(go, 1)  # the parent has freed the inherited result and reused its size
     out["inherited"] = float(inherited.sum())
     out["spares_after_fork"] = len(SPARES._items)
@@ -49,7 +49,7 @@ def child(ex, inherited, a, go, report):
 
 def main():
     warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a process with threads (3.12+)
-    result = {"parent_wrong": 0}
+    result = {"parent_wrong": 0, "pid": os.getpid()}
     with mmexec.MemmapExecutor(2) as ex:
         inherited = ex.submit(fill, N, 1.0).result()
         a = np.ones(N)
