@@ -75,11 +75,11 @@ def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
         handler(signum, frame)
 
 
-def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any, ...]] | None = None) -> None:
+def start_worker(parent: int, init: tuple[Callable[..., object], tuple[Any, ...]] | None = None) -> None:
     """The initializer of mmexec's pools: runs once as each worker process starts.
 
     Starts the watchdog and installs the abort handler before the first task.
-    ``init`` is ``(token, initializer, initargs)`` for an executor whose pool
+    ``init`` is ``(initializer, initargs)`` for an executor whose pool
     is its own: that initializer runs now, as in the standard library.
     """
     _ensure_watchdog(parent)
@@ -88,5 +88,5 @@ def start_worker(parent: int, init: tuple[str, Callable[..., object], tuple[Any,
         # A pool of the executor's own: a failure ends this worker, and the pool logs it once and
         # breaks, as the standard library's does (what the initializer sent, log records on a
         # Queue, is flushed first).
-        _token, initializer, initargs = init
+        initializer, initargs = init
         initializer(*initargs)

@@ -139,7 +139,7 @@ def _own_pool(
     max_workers: int, context: Any = None, init: tuple[Any, ...] | None = None, stdlib: bool = False,
     max_tasks_per_child: int | None = None,
 ) -> Any:
-    """A pool for one executor alone; ``init`` is ``(token, initializer, initargs)``.
+    """A pool for one executor alone; ``init`` is ``(initializer, initargs)``, run as each worker starts.
 
     A loky pool, or with ``stdlib`` the standard library's own
     ``ProcessPoolExecutor``: for a ``fork`` or ``forkserver`` context, whose
@@ -617,10 +617,9 @@ class MemmapExecutor(QueueExecutor):
         # An initializer whose arguments can only be inherited at process start (a
         # multiprocessing.Queue, say) gets a pool of its own, started with them.
         if stdlib or dedicated is not None:
-            init = None if dedicated is None else (token, *dedicated)
 
             def rebuild() -> Any:
-                return _own_pool(max_workers, mp_context, init, stdlib, max_tasks_per_child)
+                return _own_pool(max_workers, mp_context, dedicated, stdlib, max_tasks_per_child)
 
             lease = _Lease(rebuild(), True, max_workers, rebuild)
         else:
