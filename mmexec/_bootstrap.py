@@ -1,14 +1,23 @@
-"""A worker's start: what runs as each mmexec worker process starts, before its first task.
+"""A worker process's life: what runs in each mmexec worker process, from its start to its exit.
 
-Only the standard library is imported here, and the package's ``__init__``
-imports nothing heavy: an idle worker never imports numpy or the rest of
-mmexec, so the workers a first executor starts do not compete for the CPUs
-with the one that runs its first task (``_worker`` is imported with that
-task, as loky imports a task's own module).
+:func:`serve` is the target the pool starts (``_pool.start_worker``). It
+reads messages (``_wire``) from its own pipe until told to stop, or until the
+pipe closes: the caller is gone. Only the standard library is imported here,
+and the package's ``__init__`` imports nothing heavy: an idle worker never
+imports numpy or the rest of mmexec, so the workers an executor starts do not
+compete for the CPUs with the one that runs its first task (``_worker`` is
+imported with the first message that needs it).
+
+Signals: :data:`ABORT_SIGNAL` interrupts the running call (``_worker``
+raises ``TaskAborted`` in it, and only in it). Ctrl-C in a terminal reaches
+every worker of the process group: an idle worker ignores it (it stays warm),
+a running call gets ``KeyboardInterrupt`` as it would in the caller.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import logging
 import os
 import signal
 import sys
@@ -18,9 +27,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["ABORT_SIGNAL", "PARENT_CHECK_INTERVAL", "start_worker"]
+from ._wire import INIT_DONE, REPLY_RETIRE, STOP, Reader, send
 
-#: The signal the caller sends to interrupt a task that an abort cancelled.
+__all__ = ["ABORT_SIGNAL", "PARENT_CHECK_INTERVAL", "serve"]
+
+#: The signal the caller sends to interrupt a call that an abort cancelled.
 ABORT_SIGNAL = signal.SIGUSR1
 #: How often a worker checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL = 0.5
@@ -47,13 +58,12 @@ def _alive(pid: int) -> bool:
 
 
 def _ensure_watchdog(parent: int) -> None:
-    """Make this worker exit soon after its parent dies, even in the middle of a task.
+    """Make this worker exit soon after its parent dies, even in the middle of a call.
 
     Then loky's resource tracker sees every process gone and removes the
-    caller's folder within seconds instead of after the idle timeout.
-    ``parent`` is the pid of the process that started the pool, passed by it
-    (:func:`start_worker`): ``os.getppid()`` here would already name init if
-    the caller died while this worker was starting.
+    caller's folder within seconds. ``parent`` is the pid of the process that
+    started the worker, passed by it: ``os.getppid()`` here would already name
+    init if the caller died while this worker was starting.
     """
     global _watchdog
     if _watchdog is None:
@@ -71,22 +81,51 @@ os.register_at_fork(after_in_child=_forget_watchdog)
 
 def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
     handler = getattr(sys.modules.get("mmexec._worker"), "on_abort_signal", None)
-    if handler is not None:  # (not imported yet: no task ran, none to stop)
+    if handler is not None:  # (not imported yet: no call ran, none to stop)
         handler(signum, frame)
 
 
-def start_worker(parent: int, init: tuple[Callable[..., object], tuple[Any, ...]] | None = None) -> None:
-    """The initializer of mmexec's pools: runs once as each worker process starts.
+def serve(calls: Any, replies: Any, parent: int, init: tuple[Callable[..., object], tuple[Any, ...]] | None) -> None:
+    """A worker's loop: read a message, act on it, reply; return (the process exits) on STOP or end of input.
 
-    Starts the watchdog and installs the abort handler before the first task.
-    ``init`` is ``(initializer, initargs)`` for an executor whose pool
-    is its own: that initializer runs now, as in the standard library.
+    ``calls`` and ``replies`` are this worker's two pipe ends
+    (``multiprocessing`` connections: only their descriptors are used).
+    ``init`` is ``(initializer, initargs)`` for arguments that only a new
+    process can inherit (a ``multiprocessing.Queue``): it runs now, and a
+    failure ends the worker, which breaks its executor, as in the standard
+    library. Other initializers come as an ``INIT`` message.
     """
     _ensure_watchdog(parent)
     signal.signal(ABORT_SIGNAL, _on_abort_signal)
+    if "PYTHONFAULTHANDLER" not in os.environ:  # a crash in native code prints the call's Python traceback
+        faulthandler.enable()
+    reader, reply_fd = Reader(calls.fileno()), replies.fileno()
     if init is not None:
-        # A pool of the executor's own: a failure ends this worker, and the pool logs it once and
-        # breaks, as the standard library's does (what the initializer sent, log records on a
-        # Queue, is flushed first).
-        initializer, initargs = init
-        initializer(*initargs)
+        try:
+            init[0](*init[1])
+        except BaseException as exc:
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+            send(reply_fd, INIT_DONE, 0, f"{type(exc).__name__}: {exc}".encode(), b"", REPLY_RETIRE)
+            sys.exit(1)
+        del init
+    handle: Callable[[Any], tuple[Any, ...] | None] | None = None
+    while True:
+        try:
+            message = reader.recv()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C while idle: stay warm
+        if message is None or message.kind == STOP:
+            return
+        if handle is None:
+            from ._worker import handle as handle_message
+
+            handle = handle_message
+        reply = handle(message)
+        del message
+        if reply is None:
+            continue
+        kind, ident, body, meta, flags = reply
+        send(reply_fd, kind, ident, body, meta, flags)
+        del reply, body
+        if flags & REPLY_RETIRE:
+            return

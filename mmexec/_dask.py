@@ -3,7 +3,7 @@
 Data flow, as in :mod:`mmexec._executor`, with a scatter store instead of
 memory maps::
 
-    caller --submit/map--> encode_task ---------> DaskScatterStore ------> ClientExecutor -------> worker: _run
+    caller --submit/map--> thread: encode_task -> DaskScatterStore ------> ClientExecutor -------> worker: _run
                            mmexec's reducer:      arrays > max_nbytes:     client.get_executor(    unpickles the
                            swaps each array       client.scatter once      pure=False).submit(     payload: each
                            for a placeholder      per array object,        _run, payload,          placeholder is a
@@ -32,27 +32,29 @@ size or mode (arrays that mmexec itself mapped, such as a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import queue
 import threading
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
-from . import _janitor
-from ._base import PACKET_MAX, QueueExecutor, WorkItem
-from ._errors import LocalMemmapError
+from ._base import ExecutorBase, batch_pickling_error
+from ._errors import AbortedError, LocalMemmapError
+from ._housekeeper import HOUSEKEEPER
 from ._memmap import _contiguous_blocks, backing_memmap
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
 from ._pickler import encode_task
-from ._records import Outcomes, Task
+from ._records import Call, Outcomes, Task, unpack
 from ._store import Holds, Session, owner_of
 from ._worker import run_calls
 
@@ -208,12 +210,17 @@ class DaskScatterStore:
                 old = self._entries.pop(key, None)
                 self._entries[key] = entry
         del old  # its future is released here, outside the lock (its __del__ may run a collection)
+        HOUSEKEEPER.need_while(self._holds_copies)
+        HOUSEKEEPER.ensure_host()  # (the array's death posts the release of its copy)
         return future
+
+    def _holds_copies(self) -> bool:
+        return bool(self._entries)
 
     def _forget(self, key: int, token: str, _: object = None) -> None:
         """The caller's array died (a weakref callback: takes no lock): drop its scattered copy soon."""
         self._forgotten.put((key, token))
-        _janitor.post(self._drop_forgotten)
+        HOUSEKEEPER.post(self._drop_forgotten)
 
     def _drop_forgotten(self) -> None:
         dropped = []
@@ -247,80 +254,24 @@ def _scattered(index: int) -> np.ndarray:
     return view
 
 
-def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as exc:
-        if "read-only" in str(exc) and hasattr(exc, "add_note"):
-            exc.add_note(
-                "DaskExecutor passes arrays larger than max_nbytes as read-only views of one copy per "
-                "worker, shared by its tasks: copy one (a.copy()) to modify it, or return results."
-            )
-        raise
+_READ_ONLY_HINT = (
+    "DaskExecutor passes arrays larger than max_nbytes as read-only views of one copy per "
+    "worker, shared by its tasks: copy one (a.copy()) to modify it, or return results."
+)
 
 
 def _run(payload: bytes, *arrays: np.ndarray) -> Outcomes:
     """Worker entry point: unpickle a task record (``_records``) and run its calls."""
     _local.arrays = arrays
     try:
-        task: Task = pickle.loads(payload)
+        task: Task = unpack(pickle.loads(payload))
     finally:
         _local.arrays = ()
-    return run_calls(task, _call)
+    return run_calls(task, _READ_ONLY_HINT)
 
 
 # ------------------------------------------------------------------- executor
-class _DaskBackend:
-    """Runs tasks on a dask cluster; arrays go through a :class:`DaskScatterStore` (see ``_base.Backend``)."""
-
-    def __init__(self, client: Any, store: DaskScatterStore, threads: int) -> None:
-        self.store = store
-        self.window = 2 * threads + 1
-        self.max_packet = PACKET_MAX
-        self._executor: Executor = client.get_executor(pure=False)
-
-    def start(self) -> None:
-        pass
-
-    def encode(self, item: WorkItem) -> None:
-        holds = ScatterHolds(item.session or Session())
-        item.payload = encode_task(item.task, self.store, holds, _scattered)
-        item.holds = holds
-
-    def send(self, item: WorkItem) -> Future[Any]:
-        return self._executor.submit(_run, item.payload, *item.holds.futures)
-
-    def decode(self, item: WorkItem) -> Outcomes:
-        inner = item.inner
-        assert inner is not None
-        exc = inner.exception()
-        if exc is not None:
-            _drop_relay_frame(exc)
-            raise exc
-        outcomes: Outcomes = inner.result()
-        return outcomes
-
-    def finished(self, item: WorkItem) -> None:
-        item.holds = None  # the scattered inputs: dask frees each once no task needs it
-
-    def is_fatal(self, exc: BaseException) -> bool:
-        return False
-
-    def interrupt(self, item: WorkItem) -> None:
-        if item.inner is not None:
-            item.inner.cancel()  # dask cancels a running task too
-
-    def kill(self, item: WorkItem) -> None:
-        self.interrupt(item)
-
-    def wake(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.store.close()
-
-
-class DaskExecutor(QueueExecutor):
+class DaskExecutor(ExecutorBase):
     """A ``concurrent.futures.Executor`` on a dask.distributed cluster; large arrays are scattered once.
 
     Parameters
@@ -339,6 +290,8 @@ class DaskExecutor(QueueExecutor):
     ``np.memmap`` arguments and views of them fail their future with
     :class:`~mmexec.LocalMemmapError`: other machines cannot open the file.
     Tasks run in the workers' threads; ``mmexec`` must be importable there.
+    Calls are pickled (and their arrays scattered) on one thread of the
+    executor's, in bursts: calls queued together hash each array once.
     :meth:`abort` cancels the dask tasks.
 
     .. versionadded:: 0.1.0
@@ -351,8 +304,123 @@ class DaskExecutor(QueueExecutor):
             raise ValueError("DaskExecutor needs a synchronous Client (asynchronous=False)")
         self._client: Any = cast(Any, client)  # distributed is not fully typed
         self._store = DaskScatterStore(client, parse_max_nbytes(max_nbytes))
-        threads = cluster_threads(client)  # Parallel's n_jobs=None
-        self._start(_DaskBackend(self._client, self._store, threads), threads, "This DaskExecutor is broken")
+        self._max_workers = cluster_threads(client)  # Parallel's n_jobs=None
+        self._executor: Executor = self._client.get_executor(pure=False)
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Future[Any], Task, Session | None, bool]] = deque()
+        self._running: dict[Future[Any], Future[Any]] = {}  # ours -> dask's, while it runs
+        self._window = self._max_workers  # tasks on the cluster at most (as many as run): the rest stay cancellable
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+        self._cancel = False  # shutdown(cancel_futures=True): what was not sent is cancelled
+
+    def _put(self, task: Task, scope: Session | None, batch: bool = False) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.append((future, task, scope, batch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="mmexec-dask", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._shutdown:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                burst, self._queue = self._queue, deque()
+            session = Session()  # the calls queued together hash each array once
+            while burst:  # (popped: no local keeps a sent call's arguments alive)
+                with self._cond:
+                    while len(self._running) >= self._window and not self._shutdown:
+                        self._cond.wait()
+                    if self._shutdown and self._cancel:
+                        for future, *_ in burst:
+                            future.cancel()
+                        burst.clear()
+                        break
+                self._send(*burst.popleft(), session)
+
+    def _send(self, future: Future[Any], task: Task, scope: Session | None, batch: bool, session: Session) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        holds = ScatterHolds(scope or session)
+        try:
+            payload, _, _ = encode_task(task, self._store, holds, _scattered)
+        except Exception as exc:  # pickling errors belong on the future, as in the stdlib
+            future.set_exception(batch_pickling_error(exc) if batch else exc)
+            return
+        inner = self._executor.submit(_run, payload, *holds.futures)
+        with self._cond:
+            self._running[future] = inner
+        inner.add_done_callback(partial(self._done, future, isinstance(task, Call)))
+
+    def _done(self, future: Future[Any], single: bool, inner: Future[Any]) -> None:
+        with self._cond:
+            self._running.pop(future, None)
+            self._cond.notify_all()
+        if future.done():  # aborted
+            return
+        if inner.cancelled():
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(AbortedError("the task was cancelled on the cluster"))
+            return
+        exc = inner.exception()
+        with contextlib.suppress(InvalidStateError):
+            if exc is not None:
+                _drop_relay_frame(exc)
+                future.set_exception(exc)
+                return
+            outcomes: Outcomes = inner.result()
+            if not single:
+                future.set_result(outcomes)
+            elif outcomes.error is not None:
+                future.set_exception(outcomes.error)
+            else:
+                future.set_result(outcomes.values[0])
+
+    def abort(self, futures: Iterable[Future[Any]] | None = None, *, grace: float = 1.0) -> None:
+        """Cancel the chosen tasks (default: all of this executor's), queued or running on the cluster.
+
+        .. versionadded:: 0.2.0
+        """
+        with self._cond:
+            queued = [item[0] for item in self._queue]
+            running = dict(self._running)
+        chosen = None if futures is None else set(futures)
+        for future in queued:
+            if chosen is None or future in chosen:
+                future.cancel()
+        for future, inner in running.items():
+            if chosen is None or future in chosen:
+                with contextlib.suppress(InvalidStateError):
+                    future.set_exception(AbortedError("the task was aborted while it ran"))
+                inner.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; with ``wait``, return once every task is done and the scattered copies are
+        released. ``cancel_futures`` cancels the tasks not sent yet."""
+        with self._cond:
+            self._shutdown = True
+            self._cancel = self._cancel or cancel_futures
+            queued = [item[0] for item in self._queue] if cancel_futures else []
+            self._cond.notify_all()
+            thread = self._thread
+        for future in queued:
+            future.cancel()
+        if not wait:
+            return
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            while self._running:
+                self._cond.wait()
+        self._store.close()
 
     def _default_chunksize(self, n: int) -> int:
         return 1

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from ._compat import mmap_of
 from ._options import validate_mmap_mode
 from ._tempfolder import no_room_error, unlink_quietly
 
 __all__ = [
     "ArrayRef",
+    "BlobRef",
     "address_of",
     "backing_memmap",
     "dump",
@@ -29,8 +31,11 @@ __all__ = [
     "has_shareable_memory",
     "layout_order",
     "load",
+    "map_blob",
     "open_ref",
     "open_whole",
+    "read_array",
+    "read_blob",
     "same_bytes",
     "write_array",
 ]
@@ -62,6 +67,49 @@ class ArrayRef:
     ident: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """What travels instead of a large bytes-like object: the file holding its bytes, and what to rebuild.
+
+    ``kind``: ``'bytes'``, ``'bytearray'``, or an out-of-band pickle buffer,
+    ``'buffer'`` (writable) or ``'rbuffer'`` (read-only).
+    """
+
+    path: str
+    nbytes: int
+    kind: str
+
+
+def read_blob(ref: BlobRef, copy_buffers: bool = False) -> Any:
+    """The bytes of a blob's file, as a new ``bytes`` or ``bytearray`` (buffers too, with ``copy_buffers``)."""
+    fd = os.open(ref.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        writable = ref.kind in ("bytearray", "buffer")
+        if ref.kind == "bytes" or (copy_buffers and not writable):
+            data = os.pread(fd, ref.nbytes, 0)
+            if len(data) != ref.nbytes:
+                raise OSError(errno.EIO, f"{ref.path!r} holds {len(data)} bytes, not {ref.nbytes}")
+            return data
+        if ref.kind == "bytearray" or copy_buffers:
+            buf = bytearray(ref.nbytes)
+            view, pos = memoryview(buf), 0
+            while pos < ref.nbytes:
+                n = os.preadv(fd, [view[pos:]], pos)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{ref.path!r} holds {pos} bytes, not {ref.nbytes}")
+                pos += n
+            return buf
+    finally:
+        os.close(fd)
+    raise ValueError(f"a {ref.kind} blob is mapped (map_blob), not read")
+
+
+def map_blob(ref: BlobRef) -> np.memmap:
+    """Map an out-of-band buffer's file: read-only for a read-only buffer, else private copy-on-write."""
+    view: np.memmap = open_whole(ref.path, "r" if ref.kind == "rbuffer" else "c")[: ref.nbytes]  # type: ignore[assignment]
+    return view
+
+
 def address_of(a: np.ndarray) -> int:
     """The address of ``a``'s first byte."""
     return int(a.__array_interface__["data"][0])
@@ -71,7 +119,7 @@ def backing_memmap(a: np.ndarray) -> np.memmap | None:
     """The open file-backed ``np.memmap`` that ``a``'s memory belongs to, if any."""
     b: Any = a
     while isinstance(b, np.ndarray):
-        if isinstance(b, np.memmap) and getattr(b, "_mmap", None) is not None and getattr(b, "filename", None):
+        if isinstance(b, np.memmap) and mmap_of(b) is not None and getattr(b, "filename", None):
             return b
         b = b.base
     return None
@@ -88,7 +136,7 @@ def has_shareable_memory(a: Any) -> bool:
     """
     b: Any = a
     while isinstance(b, np.ndarray):
-        if isinstance(b, np.memmap) and getattr(b, "_mmap", None) is not None:
+        if isinstance(b, np.memmap) and mmap_of(b) is not None:
             return True
         b = b.base
     return isinstance(b, mmap.mmap)
@@ -97,7 +145,7 @@ def has_shareable_memory(a: Any) -> bool:
 def file_offset_of(a: np.ndarray, mm: np.memmap) -> int:
     """File offset of ``a``'s first element, ``a`` being a view into ``mm``."""
     start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
-    base = np.frombuffer(mm._mmap, dtype=np.uint8)  # type: ignore[attr-defined]
+    base = np.frombuffer(mmap_of(mm), dtype=np.uint8)  # type: ignore[arg-type]
     return start + address_of(a) - address_of(base)
 
 
@@ -170,18 +218,32 @@ def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:
 
 
 def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:
-    """Rebuild the array ``ref`` describes as an ``np.memmap``; ``whole`` maps the file."""
+    """Rebuild the array ``ref`` describes as an ``np.memmap``; ``whole`` maps the file (as uint8).
+
+    The view's base is ``whole``: the map stays alive, and tells where the
+    view's memory comes from, as long as the view does.
+    """
     if whole is None:
         whole = open_whole(ref.path, ref.mode)
     view = np.ndarray.__new__(
         np.memmap, ref.shape, ref.dtype, buffer=whole, offset=ref.offset, strides=ref.strides,
         order=ref.order,  # type: ignore[arg-type]  # "C" or "F", checked when the ref was made
     )
-    view._mmap = whole._mmap  # type: ignore[attr-defined]
-    view.filename = whole.filename
-    view.offset = whole.offset
-    view.mode = whole.mode
+    view.filename, view.offset, view.mode = whole.filename, whole.offset, whole.mode  # (public attributes)
     return view
+
+
+def read_array(fd: int, ref: ArrayRef) -> np.ndarray:
+    """A new in-memory array holding what :func:`write_array` wrote at the start of ``fd`` for ``ref``."""
+    out = np.empty(ref.shape, ref.dtype, order="F" if ref.order == "F" else "C")
+    flat = (out.T if ref.order == "F" else out).reshape(-1).view(np.uint8)
+    view, pos = memoryview(flat), 0  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], pos)
+        if n == 0:
+            raise OSError(errno.EIO, f"a result file holds {pos} bytes, not {len(view)}")
+        pos += n
+    return out
 
 
 def open_whole(path: str, mode: str) -> np.memmap:

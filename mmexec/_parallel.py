@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import loky
 
-from ._base import QueueExecutor
+from ._base import ExecutorBase
 from ._errors import AbortedError, ParallelTimeoutError
 from ._executor import MemmapExecutor
 from ._options import DEFAULT_MAX_NBYTES
@@ -200,7 +200,7 @@ _DEFAULTS: dict[str, Any] = {
     "verbose": 0,
     "temp_folder": None,
     "max_nbytes": DEFAULT_MAX_NBYTES,
-    "mmap_mode": "r",
+    "mmap_mode": "c",
     "prefer": None,
     "require": None,
     "backend_params": {},
@@ -358,16 +358,14 @@ def effective_n_jobs(n_jobs: int | None = -1) -> int:
 
 
 def _run_batch(calls: list[Call]) -> Outcomes:
-    """Run a batch in this process (threads, foreign executors)."""
+    """Run a batch in this process (threads, foreign executors), until a call fails (as joblib's batches)."""
     outcomes = Outcomes([])
     _nesting.depth = getattr(_nesting, "depth", 0) + 1
     try:
-        for i, (fn, args, kwargs) in enumerate(calls):
-            try:
-                outcomes.values.append(fn(*args, **kwargs))
-            except Exception as exc:
-                outcomes.values.append(None)
-                outcomes.errors[i] = exc
+        for fn, args, kwargs in calls:
+            outcomes.values.append(fn(*args, **kwargs))
+    except Exception as exc:
+        outcomes.error = exc
     finally:
         _nesting.depth -= 1
     return outcomes
@@ -558,7 +556,7 @@ class Parallel:
             run.abort()
         if executor is not None and executor is not self.backend:
             # threads cannot be interrupted: after an abort, do not wait for the running ones
-            executor.shutdown(wait=run is None or isinstance(executor, QueueExecutor), cancel_futures=True)
+            executor.shutdown(wait=run is None or isinstance(executor, ExecutorBase), cancel_futures=True)
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs})"
@@ -610,7 +608,7 @@ class _Run:
         self.executor = executor
         self.owned = owned
         self.calls: Iterator[Call] = calls  # type: ignore[assignment]  # made an iterator when the run starts
-        self.scope = executor.new_scope() if isinstance(executor, QueueExecutor) else None
+        self.scope = executor.new_scope() if isinstance(executor, ExecutorBase) else None
         self.completed = False
         self.done_queue: queue.SimpleQueue[tuple[Future[Any], int, int, float]] = queue.SimpleQueue()
         self.in_flight: dict[Future[Any], int] = {}
@@ -675,7 +673,7 @@ class _Run:
     def _submit(self, batch: list[Call]) -> None:
         first, count, sent = self.n_dispatched, len(batch), time.monotonic()
         executor = self.executor
-        if isinstance(executor, QueueExecutor):
+        if isinstance(executor, ExecutorBase):
             fut = executor.submit_batch(batch, scope=self.scope)
         else:
             assert executor is not None
@@ -759,7 +757,7 @@ class _Run:
             self.bar.close()
             if self.owned and self.executor is not None:
                 # threads cannot be interrupted: after an error, do not wait for the running ones (as joblib)
-                wait = self.completed or isinstance(self.executor, QueueExecutor)
+                wait = self.completed or isinstance(self.executor, ExecutorBase)
                 self.executor.shutdown(wait=wait, cancel_futures=True)
         finally:
             self.p._done()
@@ -770,7 +768,7 @@ class _Run:
         self.aborted = not self.completed and (bool(self.in_flight) or not self.exhausted)
         in_flight = list(self.in_flight)
         self.in_flight.clear()
-        if isinstance(self.executor, QueueExecutor) and in_flight and not self.completed:
+        if isinstance(self.executor, ExecutorBase) and in_flight and not self.completed:
             self.executor.abort(in_flight, grace=ABORT_GRACE)
         else:
             for fut in in_flight:

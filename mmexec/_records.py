@@ -7,9 +7,11 @@ by a worker (``_worker``):
 * :class:`Chunk`: ``fn(*args)`` for each ``args`` of a ``map`` chunk;
 * :class:`Batch`: a list of :class:`Call` s (a ``Parallel`` batch).
 
-A :class:`Chunk` or a :class:`Batch` returns :class:`Outcomes`: one failing
-call does not hide the others' results. Nothing here imports anything of
-mmexec's, so both sides (and any backend) can use these records.
+A :class:`Chunk` or a :class:`Batch` returns :class:`Outcomes`: the values of
+the calls that ran, and the exception of the one that failed, if any (the
+calls after it do not run, as in the standard library's ``map`` chunks and
+joblib's batches). Nothing here imports anything of mmexec's, so both sides
+(and any backend) can use these records.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Batch", "Call", "Chunk", "Outcomes", "Task"]
+__all__ = ["Batch", "Call", "Chunk", "Outcomes", "Task", "pack", "unpack"]
 
 
 @dataclass(slots=True)
@@ -68,23 +70,35 @@ class Batch:
 Task = Call | Chunk | Batch
 
 
+def pack(task: Task) -> tuple[Any, ...]:
+    """``task`` as plain tuples, which the C pickler writes without calling back into Python."""
+    if isinstance(task, Call):
+        return (0, task.fn, task.args, task.kwargs)
+    if isinstance(task, Chunk):
+        return (1, task.fn, task.arglists)
+    return (2, [(c.fn, c.args, c.kwargs) for c in task.items])
+
+
+def unpack(packed: tuple[Any, ...]) -> Task:
+    """The task :func:`pack` made."""
+    kind = packed[0]
+    if kind == 0:
+        return Call(packed[1], packed[2], packed[3])
+    if kind == 1:
+        return Chunk(packed[1], packed[2])
+    return Batch([Call(*c) for c in packed[1]])
+
+
 @dataclass(slots=True)
 class Outcomes:
-    """What a task returns: one value per call, and the exception of each call
-    that failed (its value is then None)."""
+    """What a chunk or a batch returns: the values of the calls that ran, in order, and the exception of the
+    call that failed (it was the last to run), if one did."""
 
     values: list[Any]
-    errors: dict[int, BaseException] = field(default_factory=dict)
-    #: A batch stopped by an abort: the index of the call it stopped at (it and the next ones did not finish).
-    stopped: int | None = None
-
-    def first_error(self) -> BaseException | None:
-        """The exception of the first failing call, if any."""
-        return self.errors[min(self.errors)] if self.errors else None
+    error: BaseException | None = None
 
     def checked(self) -> list[Any]:
-        """The values, or the first failing call's exception raised."""
-        error = self.first_error()
-        if error is not None:
-            raise error
+        """The values, or the failing call's exception raised."""
+        if self.error is not None:
+            raise self.error
         return self.values

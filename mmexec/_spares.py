@@ -6,7 +6,7 @@ pages that are already allocated is about twice as fast (50 MB: 16 ms against
 tasks hit this case all the time. A freed dump is therefore kept for
 :data:`SPARE_TTL` seconds (at most :data:`SPARE_LIMIT` bytes and
 :data:`SPARE_COUNT` files in all, shared by every executor of the process, so
-that back-to-back ``Parallel`` calls benefit too); a background thread closes
+that back-to-back ``Parallel`` calls benefit too); a housekeeping timer closes
 whatever was not reused in time. A spare is an unlinked file held only by its
 descriptor: nothing is visible in any folder, and the kernel frees it if the
 process dies.
@@ -23,6 +23,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+
+from ._housekeeper import HOUSEKEEPER
 
 __all__ = ["SPARES", "SPARE_COUNT", "SPARE_LIMIT", "SPARE_TTL", "Spare", "SparePool"]
 
@@ -46,15 +48,15 @@ class Spare:
 
 
 class SparePool:
-    """A small pool of freed dump files, trimmed by a background thread."""
+    """A small pool of freed dump files; each expires :data:`SPARE_TTL` seconds after it was freed (a
+    housekeeping timer, :mod:`mmexec._housekeeper`)."""
 
     def __init__(self, limit: int = SPARE_LIMIT, ttl: float = SPARE_TTL) -> None:
         self.limit = limit
         self.ttl = ttl
         self._lock = threading.Lock()
         self._items: list[Spare] = []
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
+        self._timer_set = False
         self._closed = False
 
     def put(self, fd: int, path: str, capacity: int, where: str) -> bool:
@@ -67,11 +69,10 @@ class SparePool:
             ):
                 return False
             self._items.append(Spare(fd, path, capacity, where, time.monotonic()))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._tend, name="mmexec-spares", daemon=True)
-                self._thread.start()
-            self._wake.notify()
-            return True
+            schedule, self._timer_set = not self._timer_set, True
+        if schedule:
+            HOUSEKEEPER.call_later(self.ttl, self._expire)
+        return True
 
     def take(self, nbytes: int, where: str) -> Spare | None:
         """The smallest dump kept in ``where`` of at least ``nbytes`` (and at most twice that)."""
@@ -83,20 +84,20 @@ class SparePool:
             self._items.remove(best)
             return best
 
-    def drop(self, where: str | None = None) -> None:
-        """Free every kept dump now, or those made in the temp folder ``where`` (the pool stays usable)."""
+    def drop(self, where: str | None = None) -> int:
+        """Free every kept dump now, or those made in the temp folder ``where``; how many (the pool stays
+        usable)."""
         with self._lock:
             items = [s for s in self._items if where is None or s.where == where]
             self._items = [s for s in self._items if s not in items]
-            self._wake.notify()
         for spare in items:
             os.close(spare.fd)
+        return len(items)
 
     def after_fork_in_child(self) -> None:
         """In a forked child: the kept dumps are the parent's; close the child's copies, start afresh."""
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread = None
+        self._timer_set = False
         items, self._items = self._items, []
         for spare in items:
             try:
@@ -110,18 +111,17 @@ class SparePool:
             self._closed = True
         self.drop()
 
-    def _tend(self) -> None:
+    def _expire(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            while self._items and not self._closed:
-                now = time.monotonic()
-                expired = [s for s in self._items if now - s.released >= self.ttl]
-                for spare in expired:
-                    self._items.remove(spare)
-                    os.close(spare.fd)
-                if self._items:
-                    oldest = min(s.released for s in self._items)
-                    self._wake.wait(max(0.0, oldest + self.ttl - now))
-            self._thread = None
+            expired = [s for s in self._items if now - s.released >= self.ttl]
+            self._items = [s for s in self._items if s not in expired]
+            oldest = min((s.released for s in self._items), default=None)
+            self._timer_set = oldest is not None
+        for spare in expired:
+            os.close(spare.fd)
+        if oldest is not None:
+            HOUSEKEEPER.call_later(max(0.0, oldest + self.ttl - now), self._expire)
 
 
 #: The process-wide pool every store uses.

@@ -18,38 +18,53 @@ Results travel the other way: a worker writes a large result as a named file
 in the caller's folder; the caller opens it, unlinks it, and keeps it like a
 dump for as long as the result array lives.
 
+A file is reused (its pages rewritten for another dump or result,
+``_spares``) only once nothing maps it: not the caller (its counts), and not a
+worker, which says at the end of each task whether a map of one of its
+arguments outlived the task (:meth:`MemmapStore.mark_kept`: such a file is
+never reused).
+
+Large ``bytes``, ``bytearray`` and out-of-band pickle buffers are written the
+same way (:meth:`MemmapStore.blob_ref`), once per task that holds them.
+
 Locks: the store's lock is taken in ordinary thread context only. Weakref
 callbacks and finalizers (an array or a result map freed) never take it:
-they queue the release on the store and wake the executor's manager thread
-(or, once it is gone, post a drain to the janitor thread), which applies it
-(:meth:`MemmapStore.apply_releases`). Lock order: the apply lock, then the
-store's, then the spare pool's.
+they queue the release on the store and post its application to the
+housekeeper (``_housekeeper``: an executor's manager thread, or the
+housekeeping thread), which applies it (:meth:`MemmapStore.apply_releases`).
+Lock order: the apply lock, then the store's, then the spare pool's, then
+the housekeeper's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import resource
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from . import _janitor
+from ._compat import mmap_of
 from ._errors import TempFolderError
+from ._housekeeper import HOUSEKEEPER, drain
 from ._memmap import (
     ArrayRef,
+    BlobRef,
     address_of,
     backing_memmap,
     file_offset_of,
     layout_order,
     open_ref,
     open_whole,
+    read_array,
     same_bytes,
     write_array,
 )
@@ -69,40 +84,37 @@ from ._tempfolder import (
     unlink_quietly,
 )
 
-__all__ = ["UNKNOWN_IDENTITY", "ArrayStore", "Holds", "MemmapStore", "Session", "owner_of"]
+__all__ = ["FILES", "UNKNOWN_IDENTITY", "ArrayStore", "FileRegistry", "Holds", "MemmapStore", "Session", "owner_of"]
 
-# reference path -> the store that keeps it open; lets any store hold a dump another made
-# (a result of one executor passed to another).
-_OWNERS: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
-#: Every live store of this process (the fork hooks visit them).
-_STORES: weakref.WeakSet[MemmapStore] = weakref.WeakSet()
-#: In a forked child: the paths of the files its parent's stores held at the fork. Maps of them
-#: inherited by the child show the parent's file, which the parent may reuse: the child passes such
-#: arrays by value (a dump of its own), never by that path.
-_INHERITED: set[str] = set()
 _PROC_FD = os.path.isdir(f"/proc/{os.getpid()}/fd")
-#: Bytes of the last large result any executor of this process received: tasks are lent
-#: freed files of about this size for theirs (so back-to-back Parallel calls benefit too).
-_RESULT_HINT = [0]
 
 
 class _Descriptors:
-    """Descriptors that mmexec holds open in this process, against a budget.
+    """Descriptors this process holds open, against a budget.
 
-    Each held file costs about two: the store's descriptor and the one that
-    Python's ``mmap`` keeps for a live map. Beyond the budget (half the soft
-    ``RLIMIT_NOFILE``), new arrays are pickled and new results are copied
-    into memory instead of being held as files, so a program with thousands
-    of live results never runs out of descriptors because of mmexec.
+    Each file mmexec holds costs about two: the store's descriptor and the
+    one that Python's ``mmap`` keeps for a live map. The budget is half the
+    soft ``RLIMIT_NOFILE``, counted against the process's real use (the
+    program's own files included: ``/proc/self/fd``, read at most every
+    :attr:`RECOUNT` seconds, plus what mmexec took since). Beyond it, new
+    arrays are pickled and new results copied into memory instead of being
+    held as files, so that neither mmexec nor the program runs out.
     """
 
     PER_FILE = 2
+    RECOUNT = 0.05
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.held = 0
+        self.held = 0  # files mmexec holds now
+        self._counted = 0  # descriptors open at the last count
+        self._held_then = 0  # ``held`` at the last count
+        self._when = -1.0
+        self._reserve = -1  # a descriptor on /dev/null, closed to make room in an emergency (see open)
+        self._budget = 16
 
     def budget(self) -> int:
+        """Half the soft ``RLIMIT_NOFILE`` (read again at each recount)."""
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             soft = 2**20
@@ -112,16 +124,97 @@ class _Descriptors:
         with self._lock:
             self.held += n
 
+    def in_use(self) -> int:
+        """Descriptors open in this process now (recounted at most every RECOUNT seconds)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._when >= self.RECOUNT:
+                try:
+                    self._counted = len(os.listdir("/proc/self/fd"))
+                except OSError:
+                    self._counted = self.held * self.PER_FILE
+                self._held_then, self._when, self._budget = self.held, now, self.budget()
+            return self._counted + (self.held - self._held_then) * self.PER_FILE
+
     def left(self) -> int:
-        return self.budget() - self.held * self.PER_FILE
+        """Descriptors left in the budget."""
+        used = self.in_use()
+        return self._budget - used
+
+    def open(self, path: str, flags: int) -> int:
+        """``os.open``; if the process is out of descriptors, one is borrowed from a reserve held for this
+        (a result already written must still be read)."""
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise
+        with self._lock:
+            reserve, self._reserve = self._reserve, -1
+        if reserve < 0:
+            return os.open(path, flags)  # (none left: raises EMFILE again)
+        os.close(reserve)
+        try:
+            return os.open(path, flags)
+        finally:
+            self._restore_reserve()
+
+    def _restore_reserve(self) -> None:
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return  # tried again next time
+        with self._lock:
+            if self._reserve < 0:
+                self._reserve, fd = fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def ensure_reserve(self) -> None:
+        """Hold the reserve descriptor (once per process)."""
+        if self._reserve < 0:
+            self._restore_reserve()
 
 
-_DESCRIPTORS = _Descriptors()
+class FileRegistry:
+    """The process's registry of mmexec's files: who holds each, and what the process as a whole uses.
+
+    One instance, :data:`FILES`, owned by the process; a forked child empties
+    it (``_after_fork_in_child``). Every other piece of state lives in a store.
+    """
+
+    def __init__(self) -> None:
+        #: reference path -> the store that keeps it open; lets any store hold a dump another made
+        #: (a result of one executor passed to another).
+        self.owners: weakref.WeakValueDictionary[str, MemmapStore] = weakref.WeakValueDictionary()
+        #: Every live store of this process (the fork hooks visit them).
+        self.stores: weakref.WeakSet[MemmapStore] = weakref.WeakSet()
+        #: In a forked child: the paths of the files its parent's stores held at the fork. Maps of them
+        #: inherited by the child show the parent's file, which the parent may reuse: the child passes such
+        #: arrays by value (a dump of its own), never by that path.
+        self.inherited: set[str] = set()
+        #: Bytes of the last large result any executor of this process received: tasks are lent
+        #: freed files of about this size for theirs (so back-to-back Parallel calls benefit too).
+        self.result_hint = 0
+        self.descriptors = _Descriptors()
+        #: mmap -> ``(st_dev, st_ino)`` of the file it maps (a caller's own np.memmap).
+        self.identities: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+FILES = FileRegistry()
+_DESCRIPTORS = FILES.descriptors  # (the same object: read often)
+
+
+def _files_held() -> bool:
+    return _DESCRIPTORS.held > 0
+
+
+HOUSEKEEPER.need_while(_files_held)  # a file held in caller code may be released at any time
 
 
 def owner_of(path: str) -> MemmapStore | None:
     """The store that keeps the dump at ``path`` alive, if any."""
-    return _OWNERS.get(path)
+    return FILES.owners.get(path)
 
 
 @dataclass
@@ -141,13 +234,17 @@ class Holds:
     spares: tuple[MemmapStore, list[str]] | None = None  # freed files lent for the task's results
 
     def release(self) -> None:
-        files, self.files = self.files, []
-        for store, path in files:
-            store.release(path)
+        self.release_from(0)
         spares, self.spares = self.spares, None
         if spares is not None:
             for path in spares[1]:
                 spares[0].return_spare(path)
+
+    def release_from(self, mark: int) -> None:
+        """Release the files held since ``len(files)`` was ``mark``."""
+        files, self.files[mark:] = self.files[mark:], []
+        for store, path in files:
+            store.release(path)
 
 
 class ArrayStore(Protocol):
@@ -165,7 +262,7 @@ class _File:
     fd: int  # -1 without procfs: the file is then known by its name, deleted when unused
     users: int
     mapped: int = 0  # users that are live maps in caller code (they outlive close())
-    reuse: tuple[int, str] | None = None  # (capacity, temp folder): its pages may serve again
+    reuse: tuple[int, str] | None = None  # (capacity, temp folder): its pages may serve again (None: never)
 
 
 @dataclass(eq=False)
@@ -199,6 +296,7 @@ class MemmapStore:
         dead: set[int] = set()
         for parent in dict.fromkeys((self._base, SHM_FOLDER)):
             dead = sweep_stale_folders(parent, dead)  # (/dev/shm last: loky's semaphores of callers found dead)
+        FILES.descriptors.ensure_reserve()
         self._lock = threading.RLock()
         self._folders: dict[str, str] = {}  # base folder -> our private folder in it
         self._files: dict[str, _File] = {}  # reference path -> the file's record
@@ -207,14 +305,11 @@ class MemmapStore:
         self._spares = SPARES
         self._closed = False
         # Releases posted by finalizers and weakref callbacks (a path and whether it was a map, or a
-        # freed array's dump), applied by apply_releases() on the janitor or the executor's thread.
+        # freed array's dump), applied by apply_releases() on a housekeeping host.
         self._released: queue.SimpleQueue[tuple[str, bool] | _Dump] = queue.SimpleQueue()
         self._drain_posted = False
         self._apply_lock = threading.RLock()  # (a finalizer may post, and at exit apply, inside it)
-        #: While the executor's manager thread runs: wakes it to apply queued releases (lock-free).
-        self.waker: Callable[[], None] | None = None
-        self.waker_pid = os.getpid()  # a forked child has no manager thread: it uses the janitor
-        _STORES.add(self)
+        FILES.stores.add(self)
 
     # -- folders ---------------------------------------------------------
     @property
@@ -280,7 +375,7 @@ class MemmapStore:
     def _register(self, ref_path: str, record: _File) -> None:
         with self._lock:
             self._files[ref_path] = record
-            _OWNERS[ref_path] = self
+            FILES.owners[ref_path] = self
         _DESCRIPTORS.add(1)
 
     def hold(self, path: str, mapped: bool = False) -> bool:
@@ -307,7 +402,7 @@ class MemmapStore:
             if record.users > 0:
                 return
             del self._files[path]
-            _OWNERS.pop(path, None)
+            FILES.owners.pop(path, None)
             kept = (
                 record.fd >= 0 and record.reuse is not None and not (self._closed and self._explicit)
                 and self._spares.put(record.fd, path, *record.reuse)
@@ -318,25 +413,34 @@ class MemmapStore:
         elif not kept:
             os.close(record.fd)
 
+    def hold_map(self, path: str, whole: np.memmap) -> None:
+        """Count a map of ``path`` made in caller code (a result handed on): it holds the file while it lives."""
+        if self.hold(path, mapped=True):
+            weakref.finalize(whole, self.release_later, path, True)
+
+    def mark_kept(self, path: str) -> None:
+        """A worker still maps ``path`` after the task that passed it ended: its pages never serve again."""
+        with self._lock:
+            record = self._files.get(path)
+            if record is not None:
+                record.reuse = None
+
     def release_later(self, path: str, mapped: bool = False) -> None:
         """:meth:`release` from a finalizer or a weakref callback: queued, takes no lock."""
         self._post_release((path, mapped))
 
     def _post_release(self, item: tuple[str, bool] | _Dump) -> None:
-        self._released.put(item)  # first: whoever clears ``waker`` applies the queue after
-        waker = self.waker
-        if waker is not None and self.waker_pid == os.getpid():
-            waker()  # the executor's own thread applies it
-        elif not self._drain_posted:
+        self._released.put(item)
+        if not self._drain_posted:
             self._drain_posted = True
-            _janitor.post(self.apply_releases)
+            HOUSEKEEPER.post(self.apply_releases)
 
     def apply_releases(self) -> None:
         """Apply the releases queued by finalizers (on the janitor thread, or before the store
         decides whether a freed file can serve again). Never call it while holding the store's lock."""
         with self._apply_lock:
             self._drain_posted = False  # a release queued from now on posts a new drain
-            for item in _janitor.drain(self._released):
+            for item in drain(self._released):
                 if isinstance(item, _Dump):
                     self._forget(item)
                 else:
@@ -360,7 +464,7 @@ class MemmapStore:
 
     def _memmap_ref(self, a: np.ndarray, mm: np.memmap, holds: Holds) -> ArrayRef | None:
         path = os.fspath(mm.filename)  # type: ignore[arg-type]
-        if path in _INHERITED:
+        if path in FILES.inherited:
             return None  # the parent's file, seen through a map inherited at a fork: dumped anew
         owner = owner_of(path)
         ident = None
@@ -411,9 +515,7 @@ class MemmapStore:
         return True
 
     def _new_dump(self, a: np.ndarray) -> _Dump:
-        self.apply_releases()  # files freed a moment ago (queued by finalizers) become spares first
-        spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
-        ref_path = self._write(a) if spare is None else self._reuse(spare, a)
+        ref_path = self._write(a)  # held by the array
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
@@ -426,22 +528,35 @@ class MemmapStore:
             self.release(old.path)
         return dump
 
-    def _write(self, a: np.ndarray) -> str:
-        """Dump ``a`` into a new file; return the path tasks open it by.
+    def _write(self, a: np.ndarray, users: int = 1) -> str:
+        """Dump ``a`` into a new file (or a freed one's pages); return the path tasks open it by.
 
-        When the default folder turns out full while reserving (another dump
-        took the room after the free-space check), the dump goes to the
-        system temp folder, as when the check itself finds no room.
+        Freed files kept for reuse hold room: when the folder is full they are
+        let go first, then the room is checked again. When the default folder
+        turns out full while reserving (another dump took the room after the
+        free-space check), the dump goes to the system temp folder, as when
+        the check itself finds no room.
         """
-        folder = self._folder_for(a.nbytes)
+        self.apply_releases()  # files freed a moment ago (queued by finalizers) become spares first
+        spare = self._spares.take(a.nbytes, self._base) if a.nbytes else None
+        if spare is not None:
+            return self._reuse(spare, a, users)
         try:
-            return self._write_in(folder, a)
+            folder = self._folder_for(a.nbytes)
         except TempFolderError:
+            if not self._spares.drop():
+                raise
+            folder = self._folder_for(a.nbytes)  # (spares held room: freed now)
+        try:
+            return self._write_in(folder, a, users)
+        except TempFolderError:
+            if self._spares.drop():
+                return self._write_in(folder, a, users)
             if self._explicit or os.path.dirname(folder) == fallback_temp_folder():
                 raise
-            return self._write_in(self._private_folder(fallback_temp_folder()), a)
+            return self._write_in(self._private_folder(fallback_temp_folder()), a, users)
 
-    def _write_in(self, folder: str, a: np.ndarray) -> str:
+    def _write_in(self, folder: str, a: np.ndarray, users: int) -> str:
         fd, path = create_private_file(folder)
         try:
             write_array(fd, path, a, reserve=True)
@@ -449,13 +564,31 @@ class MemmapStore:
             os.close(fd)
             unlink_quietly(path)
             raise
-        return self._keep(fd, path, users=1, reuse=(a.nbytes, os.path.dirname(folder)))  # held by the array
+        return self._keep(fd, path, users=users, reuse=(a.nbytes, os.path.dirname(folder)))
 
-    def _reuse(self, spare: Spare, a: np.ndarray) -> str:
+    def _reuse(self, spare: Spare, a: np.ndarray, users: int) -> str:
         """Dump ``a`` into a freed dump's pages (already allocated)."""
-        write_array(spare.fd, spare.path, a)
-        self._register(spare.path, _File(spare.fd, 1, 0, (spare.capacity, spare.where)))
+        try:
+            write_array(spare.fd, spare.path, a)
+        except BaseException:
+            os.close(spare.fd)
+            raise
+        self._register(spare.path, _File(spare.fd, users, 0, (spare.capacity, spare.where)))
         return spare.path
+
+    def blob_ref(self, view: memoryview, kind: str, holds: Holds) -> BlobRef | None:
+        """A reference to a large bytes-like object for one task (it holds the file), or None to pickle it.
+
+        ``kind`` says what the worker rebuilds (:class:`~mmexec._memmap.BlobRef`).
+        """
+        if self.max_nbytes is None or view.nbytes <= self.max_nbytes or self._closed:
+            return None
+        if _DESCRIPTORS.left() < _DESCRIPTORS.PER_FILE:
+            return None
+        data = np.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view, dtype=np.uint8)
+        path = self._write(data, users=1)  # held by the task
+        holds.files.append((self, path))
+        return BlobRef(path, view.nbytes, kind)
 
     def _forget(self, dump: _Dump) -> None:
         """``dump``'s array was freed: release its file, unless a newer dump of the same id replaced
@@ -476,7 +609,7 @@ class MemmapStore:
         :meth:`return_spare` takes back the others when the task is done.
         """
         lent: list[tuple[str, int]] = []
-        hint = _RESULT_HINT[0]
+        hint = FILES.result_hint
         if not hint:
             return lent
         self.apply_releases()  # results freed a moment ago become spares first
@@ -486,9 +619,16 @@ class MemmapStore:
                 if spare is None:
                     break
                 self._lent[spare.path] = spare
-                _OWNERS[spare.path] = self
+                FILES.owners[spare.path] = self
                 lent.append((spare.path, spare.capacity))
         return lent
+
+    def discard_results(self, files: Iterable[str], buffers: Iterable[BlobRef] = ()) -> None:
+        """Remove the named files a worker wrote for a result, those the result did not adopt (a result that
+        could not be rebuilt, or one nobody waits for)."""
+        for path in (*files, *(ref.path for ref in buffers)):
+            if os.path.dirname(path) in self._folders.values() and path not in self._files:
+                unlink_quietly(path)
 
     def return_spare(self, path: str) -> None:
         """A task is done: keep its lent file for later if its result did not use it."""
@@ -496,7 +636,7 @@ class MemmapStore:
             spare = self._lent.pop(path, None)
             if spare is None:
                 return
-            _OWNERS.pop(path, None)
+            FILES.owners.pop(path, None)
             kept = self._spares.put(spare.fd, spare.path, spare.capacity, spare.where)
         if not kept:
             os.close(spare.fd)
@@ -510,19 +650,25 @@ class MemmapStore:
         nbytes = ref.dtype.itemsize * _size(ref.shape)
         with self._lock:
             spare = self._lent.pop(ref.path, None)
-            _RESULT_HINT[0] = nbytes
+            FILES.result_hint = nbytes
+        if spare is not None:
+            fd, where, reuse = spare.fd, spare.path, (spare.capacity, spare.where)
+        else:
+            fd = _DESCRIPTORS.open(ref.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            where, reuse = ref.path, (nbytes, os.path.dirname(os.path.dirname(ref.path)))
+        if _DESCRIPTORS.left() < _DESCRIPTORS.PER_FILE:
+            try:
+                return read_array(fd, ref)
+            finally:
+                if spare is None or not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
+                    os.close(fd)
+                if spare is None:
+                    unlink_quietly(ref.path)
         if spare is not None:
             ref_path = spare.path
-            self._register(ref_path, _File(spare.fd, 1, 1, (spare.capacity, spare.where)))
+            self._register(ref_path, _File(fd, 1, 1, reuse))
         else:
-            fd = os.open(ref.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-            reuse = (nbytes, os.path.dirname(os.path.dirname(ref.path)))
-            ref_path = self._keep(fd, ref.path, users=1, reuse=reuse, mapped=1)
-        if _DESCRIPTORS.left() < 0:
-            try:
-                return np.array(open_ref(ref, open_whole(ref_path, "r")), copy=True)
-            finally:
-                self.release(ref_path, True)
+            ref_path = self._keep(fd, where, users=1, reuse=reuse, mapped=1)
         whole = open_whole(ref_path, "r+")
         weakref.finalize(whole, self.release_later, ref_path, True)
         return open_ref(ref, whole).view(np.ndarray)
@@ -543,7 +689,6 @@ class MemmapStore:
         self._apply_lock = threading.RLock()
         self._released = queue.SimpleQueue()
         self._drain_posted = False
-        self.waker = None
         for path, record in list(self._files.items()):
             record.reuse = None
             if record.fd < 0 or not record.mapped:  # nothing of the child's needs it (never unlink: a name
@@ -567,7 +712,6 @@ class MemmapStore:
 
     def close(self) -> None:
         """Drop every file not mapped in caller code and remove the folders. Idempotent."""
-        self.waker = None  # from now on, releases go to the janitor
         self.apply_releases()
         with self._lock:
             if self._closed:
@@ -578,7 +722,7 @@ class MemmapStore:
             self._dumps.clear()
             lent, self._lent = list(self._lent.values()), {}
             for spare in lent:
-                _OWNERS.pop(spare.path, None)
+                FILES.owners.pop(spare.path, None)
             unused = []
             for path, record in self._files.items():
                 if record.mapped:
@@ -636,20 +780,19 @@ def _from_any_process(path: str) -> str:
 
 #: ``(st_dev, st_ino)`` meaning "a caller's own file, identity unknown": workers only check it opens.
 UNKNOWN_IDENTITY = (0, 0)
-_IDENTS: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()  # mmap -> identity
 
 
 def _identity(mm: np.memmap, path: str) -> tuple[int, int]:
     """``(st_dev, st_ino)`` of the file ``mm``'s pages come from: the mapping's own file, not what ``path``
     names now (it may have been replaced or deleted since the map was made). Kept per ``mmap`` object, which
     every view of the map shares."""
-    key = getattr(mm, "_mmap", None)
-    ident = _IDENTS.get(key) if key is not None else None
+    key = mmap_of(mm)
+    ident = FILES.identities.get(key) if key is not None else None
     if ident is None:
         ident = _mapped_file_identity(address_of(mm)) or _path_identity(path) or UNKNOWN_IDENTITY
         if key is not None:
             with contextlib.suppress(TypeError):
-                _IDENTS[key] = ident
+                FILES.identities[key] = ident
     return ident
 
 
@@ -684,17 +827,18 @@ def _before_fork() -> None:
     (Before the fork, not after it in the parent: a file freed in between
     would otherwise still be recycled while the child maps it.)
     """
-    for store in list(_STORES):
+    for store in list(FILES.stores):
         store._no_reuse()
 
 
 def _after_fork_in_child() -> None:
     """Start clean: no spares, no reuse, fresh locks; the parent's files stay the parent's."""
-    _INHERITED.update(_OWNERS.keys())
-    _OWNERS.clear()
+    FILES.inherited.update(FILES.owners.keys())
+    FILES.owners.clear()
     _DESCRIPTORS._lock = threading.Lock()
+    _DESCRIPTORS._when = -1.0
     SPARES.after_fork_in_child()
-    for store in list(_STORES):
+    for store in list(FILES.stores):
         store._after_fork_in_child()
 
 

@@ -1,179 +1,116 @@
-"""Worker side of the process boundary: run a payload, send the result back.
+"""Worker side of the process boundary: run a call, send its result back.
 
-:func:`run_task` is the function loky runs. It unpickles the task record
-(arrays come back as ``np.memmap`` s of the caller's files), runs its calls,
-and returns the pickled :class:`~mmexec._records.Outcomes` as bytes: large
-result arrays are written into the caller's private folder (or into a freed
-file it lent) and travel as references. The caller decodes those bytes on
-its own thread (``_pickler.decode_result``).
+``_bootstrap.serve`` (the worker's loop) hands each message to
+:func:`handle`, imported with the first one:
 
-Abort: each task is given a slot in its executor's small shared table. The
-worker writes its pid there while the task runs; to interrupt the task, the
-caller sets the slot's flag and sends :data:`ABORT_SIGNAL`. The handler
-(installed by ``_bootstrap.start_worker`` in every mmexec worker) raises
-:class:`TaskAborted` only while that very task runs, so a late signal never
-hits the next task or loky's own loop.
+* ``CONFIG``: the settings of the executor that leased this worker
+  (:class:`WorkerContext`: where large results go, the threshold, the
+  thread cap, ``max_tasks_per_child``);
+* ``INIT``: run that executor's initializer (a failure is logged as the
+  standard library does, and the worker exits: its executor is broken);
+* ``CALL``: unpickle the task (arrays come back as ``np.memmap`` s of the
+  caller's files, large bytes are read from theirs), run its calls, and
+  reply with the pickled :class:`~mmexec._records.Outcomes`: large result
+  arrays and bytes are written into the caller's private folder (or into a
+  freed file it lent) and travel as references. The reply also says which
+  argument maps outlived the task (the caller then never reuses their
+  files), and whether this worker retires.
+
+Abort: the caller sends :data:`ABORT_SIGNAL` to the worker running an
+aborted call, and to no other. The handler raises :class:`TaskAborted` only
+while a call runs, once: a late signal never hits the next call or the loop.
 """
 
 from __future__ import annotations
 
-import io
+import errno
+import gc
 import logging
 import os
 import pickle
 import traceback
-from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures.process import _RemoteTraceback
+import weakref
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-import cloudpickle
 import numpy as np
 from loky import BrokenProcessPool
 
 from ._bootstrap import ABORT_SIGNAL
+from ._compat import RemoteTraceback
 from ._errors import FileChangedError
-from ._memmap import ArrayRef, backing_memmap, file_offset_of, layout_order, write_array
-from ._pickler import PROTOCOL, load_ref, load_result, loads
-from ._records import Batch, Call, Outcomes, Task
-from ._tempfolder import create_private_file
+from ._memmap import ArrayRef, BlobRef, backing_memmap, file_offset_of, layout_order, write_array
+from ._pickler import PROTOCOL, Side, dump, load_ref, load_result, loads
+from ._records import Call, Chunk, Outcomes, Task, unpack
+from ._tempfolder import create_private_file, unlink_quietly
+from ._wire import (
+    CALL,
+    CONFIG,
+    INIT,
+    INIT_DONE,
+    REPLY_ABORTED,
+    REPLY_BROKEN,
+    REPLY_KEPT,
+    REPLY_RETIRE,
+    RESULT,
+    Message,
+)
 
-__all__ = [
-    "ABORT_SIGNAL",
-    "TaskAborted",
-    "WorkerContext",
-    "in_worker",
-    "on_abort_signal",
-    "run_calls",
-    "run_initializer",
-    "run_task",
-]
-
+__all__ = ["ABORT_SIGNAL", "TaskAborted", "WorkerContext", "handle", "in_worker", "on_abort_signal", "run_calls"]
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerContext:
-    """What a worker needs besides the task: where results go, the initializer, the abort table."""
+    """The leasing executor's settings, sent once per lease (``CONFIG``)."""
 
-    token: str
-    folder: str | None
+    folder: str | None  # the caller's private folder, for large results (None: results by pickle)
     max_nbytes: int | None
-    initializer: bytes | None
     threads: int
-    table: str | None = None  # the executor's abort table, ``/proc/<caller>/fd/<n>``
+    max_tasks: int | None = None  # max_tasks_per_child
 
 
 class TaskAborted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an ordinary error
     """Raised inside a task whose caller aborted it (``MemmapExecutor.abort``)."""
 
 
-# --------------------------------------------------------------- results
-class _ResultPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    def __init__(self, file: io.BytesIO, ctx: WorkerContext) -> None:
-        super().__init__(file, protocol=PROTOCOL)
-        self._ctx = ctx
+class _State:
+    """This worker process's state (one instance, :data:`_STATE`)."""
 
-    def reducer_override(self, obj: Any) -> Any:  # noqa: D102
-        if isinstance(obj, np.ndarray):
-            reduced = self._reduce_array(obj)
-            if reduced is not None:
-                return reduced
-            if type(obj) is np.memmap:  # a small view of a map: its values, as a plain ndarray (as joblib)
-                return np.array(obj).__reduce_ex__(PROTOCOL)
-        return super().reducer_override(obj)
-
-    def _reduce_array(self, obj: np.ndarray) -> tuple[Any, tuple[ArrayRef]] | None:
-        limit = self._ctx.max_nbytes
-        if limit is None or obj.nbytes <= limit or obj.size == 0:
-            return None
-        if obj.dtype.hasobject or type(obj) not in (np.ndarray, np.memmap):
-            return None
-        mm = backing_memmap(obj)
-        if mm is not None and mm.mode != "c":
-            path = os.fspath(mm.filename)  # type: ignore[arg-type]
-            mode = "r+" if mm.mode in ("r+", "w+") else "r"
-            return load_ref, (ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode),)
-        ref = self._dump(obj)
-        return None if ref is None else (load_result, (ref,))
-
-    def _dump(self, a: np.ndarray) -> ArrayRef | None:
-        if self._ctx.folder is None:
-            return None
-        ref = _write_into_spare(a)
-        if ref is not None:
-            return ref
-        try:
-            fd, path = create_private_file(self._ctx.folder, writer=os.getpid())
-        except OSError:
-            return None
-        return _write_result(fd, path, a)  # None if there is no room: then it goes through the pipe
+    def __init__(self) -> None:
+        self.ctx = WorkerContext(None, None, 0)
+        self.in_worker = False
+        self.tasks = 0  # tasks run under the current lease
+        self.thread_limit: int | None = None
+        self.running = False  # a call runs: the abort signal may stop it
 
 
-def _write_result(fd: int, path: str, a: np.ndarray) -> ArrayRef | None:
-    """Write a result into ``fd`` (then closed); its reference, or None if the write failed."""
-    try:
-        write_array(fd, path, a, reserve=True)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
-
-
-#: Freed files of the caller's that the running task may fill with large results, (path, capacity).
-_result_spares: list[tuple[str, int]] = []
-
-
-def _write_into_spare(a: np.ndarray) -> ArrayRef | None:
-    """Write ``a`` into a spare lent with this task that it fits well (each is used once)."""
-    spare = next((s for s in _result_spares if s[1] // 2 <= a.nbytes <= s[1]), None)
-    if spare is None:
-        return None
-    _result_spares.remove(spare)
-    path = spare[0]
-    try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    return _write_result(fd, path, a)
-
-
-def _encode_result(outcomes: Outcomes, ctx: WorkerContext) -> bytes:
-    buf = io.BytesIO()
-    try:
-        _ResultPickler(buf, ctx).dump(outcomes)
-    except Exception:  # as the stdlib: the error raised while pickling a result fails its future
-        buf = io.BytesIO()
-        _ResultPickler(buf, ctx).dump(_picklable(outcomes))
-    return buf.getvalue()
-
-
-def _picklable(outcomes: Outcomes) -> Outcomes:
-    """``outcomes`` with each value or exception that cannot be pickled replaced by the error it raised."""
-    values, errors = list(outcomes.values), dict(outcomes.errors)
-    for i in range(len(values)):
-        for part in (values[i], errors.get(i)):
-            try:
-                cloudpickle.dumps(part, protocol=PROTOCOL)
-            except Exception as exc:
-                values[i], errors[i] = None, _with_traceback(exc)
-                break
-    return Outcomes(values, errors, outcomes.stopped)
-
-
-# ------------------------------------------------------------ worker state
-_initialized: dict[str, BaseException | None] = {}
-_in_worker = False
-_thread_limit: int | None = None
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-                "NUMEXPR_NUM_THREADS")
+_STATE = _State()
 
 
 def in_worker() -> bool:
     """True inside a task run by an mmexec worker (nested Parallel calls then default to sequential)."""
-    return _in_worker
+    return _STATE.in_worker
+
+
+def handle(message: Message) -> tuple[int, int, bytes, bytes, int] | None:
+    """Act on one message; the reply ``(kind, ident, body, meta, flags)``, or None."""
+    _STATE.in_worker = True
+    if message.kind == CALL:
+        return _call(message)
+    if message.kind == CONFIG:
+        ctx: WorkerContext = pickle.loads(message.meta)
+        _STATE.ctx, _STATE.tasks = ctx, 0
+        _limit_threads(ctx.threads)
+        return None
+    if message.kind == INIT:
+        return _init(message)
+    return None
+
+
+# ------------------------------------------------------------------ set-up
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                "NUMEXPR_NUM_THREADS")
 
 
 def _limit_threads(limit: int) -> None:
@@ -182,10 +119,9 @@ def _limit_threads(limit: int) -> None:
     Environment variables reach libraries loaded later; libraries already
     loaded are capped through threadpoolctl when it is installed.
     """
-    global _thread_limit
-    if _thread_limit == limit:
+    if limit < 1 or _STATE.thread_limit == limit:
         return
-    _thread_limit = limit
+    _STATE.thread_limit = limit
     for name in _THREAD_VARS:
         os.environ[name] = str(limit)
     try:
@@ -195,176 +131,83 @@ def _limit_threads(limit: int) -> None:
     threadpool_limits(limits=limit)
 
 
-def run_initializer(token: str, initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
-    """Run an executor's initializer in this worker and remember how it went.
-
-    A failure is logged as the stdlib does (``concurrent.futures`` logger,
-    CRITICAL) and breaks the executor at its first task here.
-    """
+def _init(message: Message) -> tuple[int, int, bytes, bytes, int]:
+    """Run the executor's initializer; on failure log it as the standard library does and retire."""
     try:
+        initializer, initargs = pickle.loads(message.body)
         initializer(*initargs)
     except BaseException as exc:
         logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
-        _initialized[token] = exc
-    else:
-        _initialized[token] = None
-
-
-def _ensure_initialized(ctx: WorkerContext) -> None:
-    """Run this executor's initializer once in this worker; fail like the stdlib if it failed."""
-    if ctx.token not in _initialized:
-        if ctx.initializer is None:
-            return
-        run_initializer(ctx.token, *pickle.loads(ctx.initializer))
-    error = _initialized[ctx.token]
-    if error is not None:
-        raise BrokenProcessPool(
-            "A child process failed to run the executor's initializer; the executor "
-            "cannot run tasks. Fix the initializer and create a new executor."
-        ) from error
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return INIT_DONE, message.ident, text.encode(), b"", REPLY_RETIRE
+    return INIT_DONE, message.ident, b"", b"", 0
 
 
 # ------------------------------------------------------------------ abort
-_tables: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()  # (token, path) -> the executor's table
-_MAX_TABLES = 8
-_current: tuple[np.ndarray, int] | None = None  # (table, slot) of the task that may be interrupted now
-
-
-def _table(ctx: WorkerContext) -> np.ndarray | None:
-    if ctx.table is None:
-        return None
-    key = (ctx.token, ctx.table)
-    table = _tables.get(key)
-    if table is None:
-        try:
-            table = np.memmap(ctx.table, dtype=np.int64, mode="r+").reshape(-1, 2)
-        except (OSError, ValueError):
-            return None
-        _tables[key] = table
-        while len(_tables) > _MAX_TABLES:
-            _tables.popitem(last=False)
-    else:
-        _tables.move_to_end(key)
-    return table
-
-
 def on_abort_signal(signum: int, frame: FrameType | None) -> None:
-    """The abort handler's work (installed by ``_bootstrap.start_worker``): stop the task if it is aborted."""
-    current = _current
-    if current is not None and current[0][current[1], 1]:
+    """The abort handler's work (installed by ``_bootstrap.serve``): stop the running call, once."""
+    if _STATE.running:
+        _STATE.running = False
         raise TaskAborted("the caller aborted this task")
 
 
-def _set_current(current: tuple[np.ndarray, int] | None) -> None:
-    global _current
-    _current = current
+def _run_guarded(task: Task) -> Outcomes | None:
+    """Run a task's calls; None if it was aborted (wherever the signal came between the two ``try`` s)."""
+    try:
+        try:
+            _STATE.running = True
+            return run_calls(task)
+        finally:
+            _STATE.running = False
+    except TaskAborted:
+        return None
 
 
-# ------------------------------------------------------------------- tasks
-_READ_ONLY_HINT = (
-    "mmexec passes large arrays to tasks as memory maps opened with mmap_mode='r' "
-    "(read-only) by default. Pass mmap_mode='c' for a private writable copy in "
-    "each task, or write results into an np.memmap opened with mode 'r+' or 'w+'."
+# ------------------------------------------------------------------- calls
+READ_ONLY_HINT = (
+    "mmexec passed this array to the task as a read-only memory map (mmap_mode='r'). With the default "
+    "mmap_mode='c' each task gets a private writable copy; to write results where the caller sees them, "
+    "pass an np.memmap opened with mode 'r+' or 'w+'."
 )
 
 
-def _read_only_hint(exc: BaseException) -> None:
+def _add_hint(exc: BaseException, hint: str) -> None:
+    """A note on a "read-only" ValueError saying why the array is read-only and what to do."""
     if not isinstance(exc, ValueError) or "read-only" not in str(exc):
         return
     if hasattr(exc, "add_note"):
-        exc.add_note(_READ_ONLY_HINT)
+        exc.add_note(hint)
     else:  # Python 3.10: no notes in tracebacks; the same text, as a note and in the message
-        exc.__notes__ = [_READ_ONLY_HINT]
-        exc.args = (f"{exc.args[0] if exc.args else exc}\n{_READ_ONLY_HINT}", *exc.args[1:])
+        exc.__notes__ = [hint]
+        exc.args = (f"{exc.args[0] if exc.args else exc}\n{hint}", *exc.args[1:])
 
 
-def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as exc:
-        _read_only_hint(exc)
-        raise
+def run_calls(task: Task, hint: str = READ_ONLY_HINT) -> Outcomes:
+    """Run a task record's calls until one fails (as the standard library's ``map`` chunks and joblib's
+    batches do); the loop adds nothing per call that the standard library's does not.
 
-
-def run_task(
-    payload: bytes, ctx: WorkerContext, spares: list[tuple[str, int]] | None = None, slot: int = -1
-) -> bytes:
-    """Run one payload and return its pickled :class:`Outcomes`.
-
-    ``spares`` are freed files of the caller's lent for large results;
-    ``slot`` is this task's row in the executor's abort table.
+    The exception (any but :class:`TaskAborted`: ``SystemExit`` too, as in the
+    standard library) carries the worker's traceback as its ``__cause__``;
+    a "read-only" ``ValueError`` gets ``hint`` as a note.
     """
-    global _in_worker
-    _in_worker = True
-    _limit_threads(ctx.threads)
-    _ensure_initialized(ctx)
-    table = _table(ctx) if slot >= 0 else None
-    if table is not None:
-        table[slot, 0] = os.getpid()
-        _set_current((table, slot))
-        if table[slot, 1]:
-            _set_current(None)
-            table[slot, 0] = 0
-            raise TaskAborted("the caller aborted this task before it started")
-    try:
-        outcomes = _run_payload(payload)
-    finally:
-        _set_current(None)  # from here on, an abort signal is ignored: the result is encoded whole
-        if table is not None:
-            table[slot, 0] = 0
-    _result_spares[:] = spares or ()
-    try:
-        return _encode_result(outcomes, ctx)
-    finally:
-        _result_spares.clear()
-
-
-def _run_payload(payload: bytes) -> Outcomes:
-    try:
-        task = loads(payload)
-    except BaseException as exc:
-        if isinstance(exc, (TaskAborted, FileChangedError)):
-            raise  # (a changed file fails this task only)
-        # As in ProcessPoolExecutor, a task that cannot be rebuilt in the worker breaks
-        # the executor (here without killing the shared worker).
-        raise BrokenProcessPool(
-            f"A task could not be unpickled in the worker ({type(exc).__name__}: {exc}); the "
-            "executor cannot run tasks. Create a new executor, and check that the arguments "
-            "can be unpickled in another process (pickle.loads(pickle.dumps(args)))."
-        ) from exc
-    del payload
-    return run_calls(task)  # the arguments (and their maps) go when this frame ends
-
-
-def run_calls(task: Task, call: Callable[..., Any] = _call) -> Outcomes:
-    """Run a task record's calls with ``call(fn, args, kwargs)``; one failure never hides the others.
-
-    Each exception carries the worker's traceback as its ``__cause__`` (the
-    standard library's ``_RemoteTraceback``).
-    """
-    if isinstance(task, Call):
-        try:
-            return Outcomes([call(task.fn, task.args, task.kwargs)])
-        except Exception as exc:
-            return Outcomes([None], {0: _with_traceback(exc)})
     values: list[Any] = []
-    errors: dict[int, Any] = {}
-    for i, (fn, args, kwargs) in enumerate(task.calls()):
-        try:
-            values.append(call(fn, args, kwargs))
-        except TaskAborted:
-            if isinstance(task, Batch):  # the others may be sent again: say where it stopped
-                return Outcomes(values, errors, stopped=i)
-            raise
-        except Exception as exc:
-            values.append(None)
-            errors[i] = _with_traceback(exc)
-        except BaseException as exc:
-            if not isinstance(task, Batch):  # a map chunk ends, as in the standard library
-                raise
-            values.append(None)  # a batch's calls stand alone (submitted one by one): SystemExit too
-            errors[i] = _with_traceback(exc)
-    return Outcomes(values, errors)
+    append = values.append
+    try:
+        if isinstance(task, Chunk):
+            fn = task.fn
+            for args in task.arglists:
+                append(fn(*args))
+        elif isinstance(task, Call):
+            append(task.fn(*task.args, **task.kwargs))
+        else:
+            for call in task.items:
+                append(call.fn(*call.args, **call.kwargs))
+    except TaskAborted:
+        raise
+    except BaseException as exc:
+        _add_hint(exc, hint)
+        return Outcomes(values, _with_traceback(exc))
+    return Outcomes(values)
 
 
 class _ExceptionWithTraceback:
@@ -384,5 +227,216 @@ def _with_traceback(exc: BaseException) -> Any:
 
 
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
-    exc.__cause__ = _RemoteTraceback(tb)  # type: ignore[arg-type]  # it takes the formatted text
+    exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+# -------------------------------------------------------------------- CALL
+def _call(message: Message) -> tuple[int, int, bytes, bytes, int]:
+    ident = message.ident
+    spares, files_ok, buffers, blobs = pickle.loads(message.meta) if message.meta else (None, True, None, False)
+    maps: dict[tuple[str, str], np.memmap] = {}
+    flags = 0
+    try:
+        task = unpack(loads(message.body, buffers, blobs, maps))
+    except BaseException as exc:
+        outcomes: Outcomes | None = Outcomes([], _load_error(exc))
+        if _is_out_of_memory(exc):
+            flags |= REPLY_RETIRE  # never hand this worker to another executor
+        elif not isinstance(exc, FileChangedError):
+            flags |= REPLY_BROKEN
+    else:
+        del message
+        outcomes = _run_guarded(task)
+        del task
+    _STATE.tasks += 1
+    max_tasks = _STATE.ctx.max_tasks
+    if max_tasks is not None and _STATE.tasks >= max_tasks:
+        flags |= REPLY_RETIRE
+    body: bytes = b""
+    result_buffers: list[BlobRef] = []
+    files: list[str] = []
+    result_blobs = False
+    if outcomes is None:
+        flags |= REPLY_ABORTED
+    else:
+        body, result_buffers, files, result_blobs = _ResultEncoder(_STATE.ctx, files_ok, spares).encode(outcomes)
+        del outcomes
+    kept = _kept_maps(maps)
+    if kept:
+        flags |= REPLY_KEPT
+    meta = b""
+    if kept or result_buffers or files or result_blobs:
+        meta = pickle.dumps((kept, result_buffers, files, result_blobs), PROTOCOL)
+    return RESULT, ident, body, meta, flags
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+
+
+def _load_error(exc: BaseException) -> Any:
+    """The error a task that could not be rebuilt here fails with."""
+    if isinstance(exc, FileChangedError):
+        return _with_traceback(exc)  # (a changed file fails this task only)
+    if _is_out_of_memory(exc):
+        error: BaseException = MemoryError(
+            f"this task's arguments could not be mapped in the worker ({type(exc).__name__}: {exc}): the worker "
+            "ran out of memory or address space (a ulimit -v / RLIMIT_AS?). This worker is replaced; pass smaller "
+            "arguments or raise the limit."
+        )
+    else:  # as in ProcessPoolExecutor, a task that cannot be rebuilt in the worker breaks the executor
+        error = BrokenProcessPool(
+            f"A task could not be unpickled in the worker ({type(exc).__name__}: {exc}); the "
+            "executor cannot run tasks. Create a new executor, and check that the arguments "
+            "can be unpickled in another process (pickle.loads(pickle.dumps(args)))."
+        )
+    error.__cause__ = exc
+    return _with_traceback(error)
+
+
+def _kept_maps(maps: dict[tuple[str, str], np.memmap]) -> list[str]:
+    """The paths of this task's argument maps that are still alive now that the task is over."""
+    if not maps:
+        return []
+    refs = [(key[0], weakref.ref(whole)) for key, whole in maps.items()]
+    maps.clear()
+    alive = [path for path, ref in refs if ref() is not None]
+    if alive:
+        gc.collect()  # (a cycle may hold the last reference)
+        alive = [path for path, ref in refs if ref() is not None]
+    return alive
+
+
+# ------------------------------------------------------------------ results
+class _ResultEncoder(Side):
+    """Pickles one task's outcomes; large arrays and bytes go to files in the caller's folder.
+
+    Every file it wrote is known: those the final payload does not refer to
+    (an attempt that failed) are removed before the reply goes, so nothing
+    is left behind for a result that could not be sent.
+    """
+
+    def __init__(self, ctx: WorkerContext, files_ok: bool, spares: list[tuple[str, int]] | None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.limit = ctx.max_nbytes if files_ok and ctx.folder is not None else None
+        self.spares = list(spares or ())
+        self.written: dict[int, tuple[Any, Any]] = {}  # id(array) -> (array, its reduction), across attempts
+        self.created: list[str] = []  # named files made, in order
+        self.used: set[str] = set()  # files the current attempt refers to
+
+    def encode(self, outcomes: Outcomes) -> tuple[bytes, list[BlobRef], list[str], bool]:
+        """``(body, out-of-band buffers, files written, blobs)`` for the reply; a value or an exception that
+        cannot be pickled fails in its place."""
+        try:
+            body, buffers, blobs = self._attempt(outcomes)
+        except BaseException as exc:  # (SystemExit too: as the standard library, it fails the call only)
+            outcomes = self._without_unpicklable(outcomes, exc)
+            try:
+                body, buffers, blobs = self._attempt(outcomes)
+            except BaseException as last:  # the error itself cannot be pickled: its text then
+                body, buffers, blobs = self._attempt(Outcomes(outcomes.values[:0], _with_traceback(
+                    RuntimeError(f"the task's result could not be pickled: {type(last).__name__}: {last}"))))
+        for path in self.created:
+            if path not in self.used:
+                unlink_quietly(path)
+        return body, buffers, [p for p in self.created if p in self.used], blobs
+
+    def _attempt(self, outcomes: Outcomes) -> tuple[bytes, list[BlobRef], bool]:
+        self.used = set()
+        self.refs = []
+        body, blobs = dump((outcomes.values, outcomes.error), self)
+        return body, list(self.refs), blobs
+
+    def _without_unpicklable(self, outcomes: Outcomes, exc: BaseException) -> Outcomes:
+        """``outcomes`` cut at its first value that cannot be pickled, which fails with the pickling error."""
+        for i, value in enumerate(outcomes.values):
+            try:
+                self._attempt(Outcomes([value]))
+            except BaseException as error:
+                return Outcomes(outcomes.values[:i], _with_traceback(error))
+        return Outcomes(outcomes.values, _with_traceback(exc))  # the exception is what cannot be pickled
+
+    # -- arrays ----------------------------------------------------------
+    def reduce_array(self, obj: np.ndarray) -> Any:
+        done = self.written.get(id(obj))
+        if done is not None and done[0] is obj:
+            self._mark_used(done[1])
+            return done[1]
+        reduced = self._reduce_array(obj)
+        if reduced is not None:
+            self.written[id(obj)] = (obj, reduced)
+            self._mark_used(reduced)
+        elif type(obj) is np.memmap:  # a small view of a map: its values, as a plain ndarray (as joblib)
+            return np.array(obj).__reduce_ex__(PROTOCOL)
+        return reduced
+
+    def _mark_used(self, reduced: Any) -> None:
+        ref = reduced[1][0]
+        if isinstance(ref, ArrayRef):
+            self.used.add(ref.path)
+
+    def _reduce_array(self, obj: np.ndarray) -> Any:
+        limit = self.limit
+        if limit is None or obj.nbytes <= limit or obj.size == 0:
+            return None
+        if obj.dtype.hasobject or type(obj) not in (np.ndarray, np.memmap):
+            return None
+        mm = backing_memmap(obj)
+        if mm is not None and mm.mode != "c":  # the caller's file, unchanged by us: by reference
+            path = os.fspath(mm.filename)  # type: ignore[arg-type]
+            mode = "r+" if mm.mode in ("r+", "w+") else "r"
+            return load_ref, (ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode),)
+        ref = self._dump(obj)
+        return None if ref is None else (load_result, (ref,))
+
+    def _dump(self, a: np.ndarray) -> ArrayRef | None:
+        fd_path = self._spare_for(a.nbytes) or self._new_file()
+        if fd_path is None:
+            return None  # no file: through the pipe
+        fd, path = fd_path
+        try:
+            write_array(fd, path, a, reserve=not path.startswith("/proc/"))
+        except OSError:
+            return None  # no room: through the pipe
+        finally:
+            os.close(fd)
+        return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
+
+    def _spare_for(self, nbytes: int) -> tuple[int, str] | None:
+        """A freed file of the caller's, lent with this task, that ``nbytes`` fits well (each is used once)."""
+        spare = next((s for s in self.spares if s[1] // 2 <= nbytes <= s[1]), None)
+        if spare is None:
+            return None
+        self.spares.remove(spare)
+        try:
+            return os.open(spare[0], os.O_RDWR | getattr(os, "O_CLOEXEC", 0)), spare[0]
+        except OSError:
+            return None
+
+    def _new_file(self) -> tuple[int, str] | None:
+        assert self.ctx.folder is not None
+        try:
+            fd, path = create_private_file(self.ctx.folder, writer=os.getpid())
+        except OSError:
+            return None
+        self.created.append(path)
+        return fd, path
+
+    # -- bytes -----------------------------------------------------------
+    def put_blob(self, view: memoryview, kind: str) -> BlobRef | None:
+        made = self._new_file()
+        if made is None:
+            return None
+        fd, path = made
+        try:
+            data = np.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view, dtype=np.uint8)
+            write_array(fd, path, data, reserve=True)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        self.used.add(path)
+        return BlobRef(path, view.nbytes, kind)
+

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from mmexec import _janitor, has_shareable_memory
+from mmexec import has_shareable_memory
+from mmexec._housekeeper import HOUSEKEEPER
 
 
 def add(a: Any, b: Any) -> Any:
@@ -91,7 +92,7 @@ def thread_count() -> int:
 def settle() -> None:
     """Run the releases that freed arrays and maps posted (a weakref callback never releases inline)."""
     gc.collect()
-    assert _janitor.flush(timeout=30)
+    assert HOUSEKEEPER.flush(timeout=30)
 
 
 def held_fds(ex: Any) -> dict[str, int]:

@@ -130,32 +130,22 @@ EXTRA_PROCESS_POOL_CLASSES = ("FailingInitializerResourcesTest",)
 _PRIVATE = "private attribute: reads ProcessPoolExecutor's "
 _INTERNAL = "CPython internals: "
 EXCLUDED: dict[str, str] = {
-    "*ProcessPoolExecutorTest.test_saturation": (
-        "shared pool: counts _processes against this executor's max_workers, but loky's reusable pool may "
-        "still hold the workers of a larger earlier executor of the thread"
-    ),
-    "*ProcessPoolExecutorTest.test_idle_process_reuse_multiple": (
-        "shared pool: as test_saturation (seen failing 1 run in 2 here with 5 processes for max_workers=3; "
-        "to be investigated, see CHANGELOG)"
-    ),
-    "*ProcessPoolExecutorTest.test_idle_process_reuse_one": (
-        "shared pool: expects one process after serial tasks; loky starts a pool's workers together"
-    ),
     "*ProcessPoolShutdownTest.test_processes_terminate": (
-        "shared pool: expects the workers to exit at shutdown(); the warm pool keeps them by design"
+        "warm pool: expects the workers to exit at shutdown(); mmexec keeps them warm for the next executor "
+        "by design"
     ),
     "*ProcessPoolShutdownTest.test_context_manager_shutdown": (
-        "shared pool: joins the workers in _processes after shutdown(), expecting them to exit; the warm "
-        "pool keeps them by design (with the class injected, the ProcessPoolExecutor the test builds is "
-        "MemmapExecutor: the join waits for loky's idle timeout)"
+        "warm pool: joins the workers in _processes after shutdown(), expecting them to exit; mmexec keeps "
+        "them warm by design (with the class injected, the ProcessPoolExecutor the test builds is "
+        "MemmapExecutor: the join waits for the idle timeout)"
     ),
     "*ProcessPoolShutdownTest.test_del_shutdown": (
-        "shared pool: joins the workers of the ProcessPoolExecutor it builds (MemmapExecutor when injected) "
-        "after shutdown, expecting them to exit; the warm pool keeps them by design (it also joins the "
+        "warm pool: joins the workers of the ProcessPoolExecutor it builds (MemmapExecutor when injected) "
+        "after shutdown, expecting them to exit; mmexec keeps them warm by design (it also joins the "
         "private _call_queue's feeder thread)"
     ),
     "*ProcessPoolShutdownTest.test_shutdown_no_wait": (
-        "shared pool: as test_del_shutdown, after shutdown(wait=False)"
+        "warm pool: as test_del_shutdown, after shutdown(wait=False)"
     ),
     "*ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": (
         "deliberate difference: a result that cannot be unpickled in the caller fails that one future "
@@ -164,10 +154,6 @@ EXCLUDED: dict[str, str] = {
     "*ExecutorDeadlockTest.test_exit_during_result_unpickle_in_result_handler": (
         "deliberate difference: as test_error_during_result_unpickle_in_result_handler (SystemExit while "
         "unpickling a result fails that future with mmexec.ResultError)"
-    ),
-    "*ProcessPoolExecutorTest.test_python_finalization_error": (
-        _INTERNAL + "makes the stdlib's second thread start fail (threading._start_joinable_thread) "
-        "and expects the thread layout of ProcessPoolExecutor's manager and queue feeder"
     ),
 }
 
@@ -372,21 +358,18 @@ def check_injection(cls: type, spec: str) -> str | None:
 
 
 def _release_reusable_workers() -> None:
-    """Shut loky's reusable pool down, if the class under test started one.
+    """Stop the idle warm workers, if the class under test is mmexec's and keeps some.
 
-    Its workers are meant to outlive executors (a second executor starts
-    warm), but the suite's module teardown (``multiprocessing.util._cleanup_tests``)
-    stops multiprocessing's resource tracker and waits for it, and loky's
-    workers hold its pipe open: it would wait forever. An application exiting
-    does the same through loky's atexit hook. (Reads loky's private
-    per-thread storage: loky >= 3.5 keeps one reusable pool per thread.)
+    They are meant to outlive executors (a second executor starts warm), but
+    the suite's module teardown (``multiprocessing.util._cleanup_tests``)
+    stops multiprocessing's resource tracker and waits for it, and the
+    workers hold its pipe open: it would wait until they time out. An
+    application exiting does the same through mmexec's exit hook.
     """
-    module = sys.modules.get("loky.reusable_executor")
-    storage = getattr(module, "_executor_storage", None)
-    pool = getattr(storage, "executor", None)
-    if pool is not None:
-        pool.shutdown(wait=True, kill_workers=True)
-        storage.executor = None  # freed now, its semaphores with it (mmexec keeps only a weak reference)
+    module = sys.modules.get("mmexec._pool")
+    warm = getattr(module, "WARM", None)
+    if warm is not None:
+        warm.stop_all(wait=30.0)
         gc.collect()
 
 

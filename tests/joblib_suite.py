@@ -81,14 +81,12 @@ STDLIB_ALIASES = ("joblib._multiprocessing_helpers.mp", "joblib.parallel.mp")
 PER_TEST_TIMEOUT, TOTAL_TIMEOUT = 60, 3600  # seconds
 #: Failing test ids (as "file::test[params]") that are differences kept by design, and why.
 DELIBERATE = {
-    "test_parallel.py::test_initializer_not_reused[2]": "warm workers are not restarted when initargs change",
-    "test_parallel.py::test_initializer_not_reused[4]": "warm workers are not restarted when initargs change",
     "test_parallel.py::test_nested_parallel_warnings[multiprocessing-loky-True]":
-        "'multiprocessing' runs on loky's workers, where a nested loky Parallel works",
+        "'multiprocessing' runs on mmexec's workers (loky processes), where a nested loky Parallel works",
     "test_config.py::test_threadpool_limitation_in_child_context_error[parallel_config-multiprocessing]":
-        "'multiprocessing' runs on loky's workers, which take inner_max_num_threads",
+        "'multiprocessing' runs on mmexec's workers (loky processes), which take inner_max_num_threads",
     "test_config.py::test_threadpool_limitation_in_child_context_error[parallel_backend-multiprocessing]":
-        "'multiprocessing' runs on loky's workers, which take inner_max_num_threads",
+        "'multiprocessing' runs on mmexec's workers (loky processes), which take inner_max_num_threads",
 }
 MISSING_MODULE = """import sys  # public joblib names that mmexec lacks (written by tests/joblib_suite.py)
 def _stub(name):

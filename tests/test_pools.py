@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -126,14 +125,16 @@ def test_forkserver_context_workers_run_tasks():
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_kill_workers_on_an_own_pool(method):
+    """kill_workers() on workers of the executor's own: the running task fails with BrokenProcessPool."""
     ex = MemmapExecutor(1, mp_context=multiprocessing.get_context(method))
     fut = ex.submit(_sleep, 60)
     while not fut.running():
         time.sleep(0.01)
     ex.kill_workers()
-    assert fut.done() and isinstance(fut.exception(), CancelledError)
-    with pytest.raises(RuntimeError, match="shutdown"):
+    assert isinstance(fut.exception(timeout=60), BrokenProcessPool)  # (as Python 3.14's)
+    with pytest.raises(RuntimeError):
         ex.submit(square, 2)
+    ex.shutdown()
 
 
 @pytest.mark.parametrize("kwargs", [{"mp_context": "fork"}, {"max_tasks_per_child": 5}])
@@ -170,7 +171,7 @@ def test_own_pools_work_with_memmap_executor_installed_as_the_stdlibs_class(monk
         kwargs = {"mp_context": multiprocessing.get_context(kwargs["mp_context"])}
     with MemmapExecutor(1, **kwargs) as ex:
         assert ex.submit(square, 4).result(timeout=60) == 16
-        assert type(ex._pool).__name__ == "ProcessPoolExecutor" and not isinstance(ex._pool, MemmapExecutor)
+        assert len(ex.workers()) <= 1  # its workers are processes started for it, not another executor
 
 
 def _double(x: int) -> int:
@@ -197,21 +198,16 @@ def test_a_task_can_start_an_executor_of_its_own(kind):
 
 
 def test_threadings_exit_hooks_do_not_grow_with_tasks_on_two_pools():
-    """mmexec re-registers its exit hook after each pool's; alternating pools must not add one per task."""
+    """mmexec registers its exit hook once, when it is imported, and never touches threading's list again."""
     import threading
 
-    from mmexec._base import _is_ours
-
     hooks = threading._threading_atexits  # type: ignore[attr-defined]
+    before = len(hooks)
     with MemmapExecutor(1) as shared, MemmapExecutor(1, mp_context=multiprocessing.get_context("fork")) as own:
-        # each pool registers its own hook when it starts (the first time in a process): start both first
-        assert shared.submit(abs, -1).result(timeout=60) == own.submit(abs, -1).result(timeout=60) == 1
-        before = len(hooks)
         for i in range(50):
             assert shared.submit(abs, -i).result(timeout=60) == i
             assert own.submit(abs, -i).result(timeout=60) == i
-        assert len(hooks) <= before + 1
-        assert sum(_is_ours(h) for h in hooks) == 1  # (a partial, or on 3.13 a lambda: threading's wrapper)
+    assert len(hooks) == before
 
 
 INIT_FAILS = """

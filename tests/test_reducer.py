@@ -282,11 +282,18 @@ def test_result_can_be_passed_back_by_reference(mx):
     assert files_in(mx) == files
 
 
-def test_read_only_maps_say_how_to_write(mx):
-    """Writing into a read-only mapped argument fails with a hint naming mmap_mode."""
-    with pytest.raises(ValueError, match="read-only") as info:
-        mx.submit(fill, np.zeros(100_000), 1.0).result()
+def test_read_only_maps_say_how_to_write():
+    """With mmap_mode='r', writing into a mapped argument fails with a hint naming mmap_mode."""
+    with MemmapExecutor(1, max_nbytes="64K", mmap_mode="r") as ex, pytest.raises(ValueError, match="read-only") as info:
+        ex.submit(fill, np.zeros(100_000), 1.0).result()
     assert "mmap_mode" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_by_default_a_task_may_write_its_argument_and_the_caller_sees_no_change(mx):
+    """The default mmap_mode is 'c' (#19): a task writes a private copy, as with ProcessPoolExecutor."""
+    a = np.zeros(100_000)
+    assert mx.submit(fill, a, 3.0).result() is None
+    assert mx.submit(describe, a).result()["sum"] == 0 and a.sum() == 0
 
 
 def test_copy_on_write_mode_gives_private_writable_copies():

@@ -23,15 +23,17 @@ def test_import_mmexec_imports_neither_numpy_nor_the_executor():
 
 
 def test_a_worker_starts_without_importing_numpy():
-    """The pools' initializer lives in a module that needs only the standard library (and loky, already
-    loaded by loky's worker): an idle worker does not compete for the CPUs by importing numpy."""
-    loaded = _modules_after("from mmexec._bootstrap import start_worker")
+    """A worker process runs ``mmexec._bootstrap.serve``, whose module needs only the standard library: a
+    worker imports numpy with its first call, not while it starts."""
+    loaded = _modules_after("from mmexec._bootstrap import serve")
     assert "mmexec._bootstrap" in loaded and not {"numpy", "mmexec._worker"} & loaded
     import mmexec
-    from mmexec._bootstrap import start_worker
+    from mmexec._bootstrap import serve
 
     with mmexec.MemmapExecutor(1) as ex:
-        assert ex._pool._initializer is start_worker
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+        assert all(type(p).__name__ == "LokyProcess" for p in ex.workers().values())  # (loky starts them)
+        assert serve.__module__ == "mmexec._bootstrap"
 
 
 ATEXIT_SCRIPT = """

@@ -428,14 +428,14 @@ def test_dumps_racing_into_a_nearly_full_default_folder_fall_back_to_the_temp_fo
 def test_a_result_freed_after_shutdown_holds_nothing_in_a_chosen_folder(tmpfs_64m):
     """A large result that outlives its executor, freed after shutdown(), is closed at once, not kept for
     reuse: nothing holds the chosen folder's file system."""
-    from mmexec import _janitor
+    from mmexec._housekeeper import HOUSEKEEPER
 
     with MemmapExecutor(1, temp_folder=tmpfs_64m) as ex:
         r = ex.submit(np.full, 2**20, 2.0).result()
     assert float(r.sum()) == 2.0 * 2**20
     del r
     gc.collect()
-    assert _janitor.flush(10)
+    assert HOUSEKEEPER.flush(10)
     held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")]
     assert [target for target in held if target.startswith(tmpfs_64m)] == []

@@ -17,8 +17,11 @@ from concurrent.futures import CancelledError
 import numpy as np
 
 from mmexec import BrokenProcessPool, MemmapExecutor
-from mmexec._janitor import flush
+from mmexec._housekeeper import HOUSEKEEPER
+from mmexec._pool import WARM
 from mmexec._spares import SPARES
+
+flush = HOUSEKEEPER.flush
 
 THREADS = 8
 KILLS = 6
@@ -33,7 +36,8 @@ def make(n, value):
 
 
 def fds():
-    return len(os.listdir("/proc/self/fd"))
+    """Descriptors open, less the three each idle warm worker holds (its two pipes, its exit sentinel)."""
+    return len(os.listdir("/proc/self/fd")) - 3 * len(WARM.idle_pids())
 
 
 def rss():
@@ -146,7 +150,6 @@ def main():
     gc.collect()
     flush()
     SPARES.drop()
-    time.sleep(0.2)  # not synchronisation: let closed executors' workers go idle before counting
     gc.collect()
     after = {"fds": fds(), "rss": rss(), "shm": shm()}
     print(json.dumps({**stats, "seconds": round(time.monotonic() - start, 1), "before": before, "after": after,

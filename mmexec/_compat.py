@@ -1,0 +1,60 @@
+"""Every private name of the standard library, loky or numpy that mmexec reads, and nothing else.
+
+Each one is read here, once, behind a function or a constant, and
+``tests/test_compat.py`` checks each on the running versions: a release
+that renames one fails that test loudly instead of changing mmexec's
+behaviour quietly. mmexec writes into no other library's private state.
+
+============================================  ===========================================================
+name                                          why
+============================================  ===========================================================
+``threading._register_atexit``                the exit hook the standard library's process pool uses: runs
+                                              before ``atexit`` handlers and before threads are joined
+``concurrent.futures.process._RemoteTraceback``  the cause a worker's exception carries, as the standard
+                                              library's (its own tests check the type)
+``numpy.memmap._mmap``                        the ``mmap`` an ``np.memmap`` (or a view of one) maps: tells
+                                              whether an array lives in a file another process can open
+``sys._getframe``                             the main-guard check walks the caller's frames
+``multiprocessing.forkserver._forkserver``    the forkserver's preloaded modules, extended (through the
+``._preload_modules``                         public ``set_forkserver_preload``) inside a loky worker
+============================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing.forkserver
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import process as _stdlib_process
+from types import FrameType
+from typing import Any
+
+__all__ = ["RemoteTraceback", "caller_frame", "forkserver_preload", "mmap_of", "register_exit_hook"]
+
+#: The standard library's wrapper for a worker's formatted traceback (an exception's ``__cause__``).
+RemoteTraceback: type[Exception] = _stdlib_process._RemoteTraceback
+
+
+def register_exit_hook(hook: Callable[[], object]) -> None:
+    """Run ``hook`` when the interpreter starts to exit, before ``atexit`` handlers and thread joins."""
+    threading._register_atexit(hook)  # type: ignore[attr-defined]
+
+
+def mmap_of(a: Any) -> mmap.mmap | None:
+    """The ``mmap`` behind an ``np.memmap`` (None for a plain array, or a memmap whose map is closed)."""
+    m = getattr(a, "_mmap", None)
+    return m if isinstance(m, mmap.mmap) else None
+
+
+def caller_frame(depth: int) -> FrameType | None:
+    """The frame ``depth`` levels above the caller of this function."""
+    return sys._getframe(depth + 1)
+
+
+def forkserver_preload() -> list[str]:
+    """The modules the forkserver preloads now (empty if none were set)."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    modules = getattr(server, "_preload_modules", None)
+    return list(modules) if isinstance(modules, list) else []
