@@ -55,3 +55,13 @@ def rowsum_paths(inpath: str, outpath: str, shape: tuple[int, int], i: int) -> N
     inp = np.memmap(inpath, dtype=np.float64, mode="r", shape=shape)
     out = np.memmap(outpath, dtype=np.float64, mode="r+", shape=(shape[0],))
     out[i] = inp[i].sum()  # a shared map: the parent sees it without msync
+
+
+def tiny(i: int) -> int:
+    """T1/T2: a task that does next to nothing; returns its argument."""
+    return i
+
+
+def echo_bytes(b: bytes) -> bytes:
+    """T3: a new ``bytes`` of the same size: the payload with its first byte incremented (one copy)."""
+    return b"".join((bytes(((b[0] + 1) % 256,)), memoryview(b)[1:]))

@@ -28,7 +28,19 @@ WORKLOADS = {
     "(numpy and the library already imported)",
     "D1": "D1: one 100 MB array passed whole to 8 tasks on a dask LocalCluster (fresh array object each round)",
     "D1-reuse": "D1-reuse: as D1, the same unchanged array object every round",
+    # Per-task cost workloads (bench_pertask.py); the sizes come from the rows (MMEXEC_BENCH_QUICK shrinks them).
+    "T1": "T1: {tasks:,} x submit(tiny, i), then every result in order",
+    "T2": "T2: list(map(tiny, range({tasks:,}))), default arguments",
+    "T3": "T3: {tasks} bytes payloads of {payload_bytes:MiB} each, each sent to a task that returns a new bytes "
+    "of the same size (fresh payload objects each round)",
+    "T4": "T4: dask.multiprocessing.get(dsk, key, pool=executor) on {dask_tasks} tasks: {tasks_less_one} sums "
+    "of a {array_bytes:MiB} array carried in the graph, and their reduction (fresh array objects each round)",
 }
+#: Workloads whose table gives the time per task and ratios to ProcessPoolExecutor (bench_pertask.py).
+PER_TASK = ("T1", "T2", "T3", "T4")
+#: Their reference rows: every ratio column divides by one of these rows' median.
+PER_TASK_REFS = {"T2": ("ppe", "ppe-tuned")}
+PER_TASK_REF = ("ppe",)
 ORDER = ["ppe", "ppe-tuned", "ppe-paths", "ppe-fork", "ppe-forkserver", "ppe-spawn", "loky", "joblib", "mmexec",
          "mmexec-map", "mmexec-Parallel"]
 #: The rows mmexec's targets apply to.
@@ -130,11 +142,82 @@ def mark(ok: bool | None) -> str:
     return "?" if ok is None else "PASS" if ok else "FAIL"
 
 
+class _Sizes(dict[str, Any]):
+    """``str.format`` fields of a per-task workload's title: ``{x:MiB}`` writes a byte count in MiB."""
+
+    def __missing__(self, key: str) -> Any:
+        if key == "tasks_less_one" and "dask_tasks" in self:
+            return self["dask_tasks"] - 1
+        raise KeyError(key)
+
+
+class _Bytes(int):
+    def __format__(self, spec: str) -> str:
+        if spec == "MiB":
+            mib = self / 2**20
+            return f"{mib:g} MiB"
+        return super().__format__(spec)
+
+
+def title(workload: str, group: Group) -> str:
+    """The workload's heading; per-task workloads' sizes come from their rows' ``extra_info``."""
+    text = WORKLOADS.get(workload, workload)
+    if workload not in PER_TASK:
+        return text
+    info = next(iter(group.values())).info
+    fields = _Sizes({k: _Bytes(v) if k.endswith("_bytes") and isinstance(v, int) else v for k, v in info.items()})
+    try:
+        text = text.format_map(fields)
+    except (KeyError, ValueError):
+        pass
+    if any(r.info.get("quick") for r in group.values()):
+        text += " [QUICK MODE: shrunk sizes, not a measurement]"
+    return text
+
+
+def per_task_table(w: str, group: Group) -> list[str]:
+    """One per-task workload: time per task and ratios to ProcessPoolExecutor (defaults, or tuned for T2)."""
+    refs = list(PER_TASK_REFS.get(w, PER_TASK_REF))
+    ref_labels = [group[k].label if k in group else k for k in refs]
+    out = [
+        "| contender | median | per task | 1st call | rounds | "
+        + "".join(f"time / {label} | " for label in ref_labels)
+        + "peak memory | peak / size | notes |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(refs) + "---:|---:|---|",
+    ]
+    keys = [k for k in ORDER if k in group] + sorted(k for k in group if k not in ORDER)
+    for k in keys:
+        row = group[k]
+        tasks = row.info.get("tasks")
+        per_task = "–" if not tasks else f"{row.median / tasks * 1e6:,.1f} µs"
+        ratios = []
+        for ref in refs:
+            base = group.get(ref)
+            ratios.append(fmt_ratio(None if base is None else row.median / base.median))
+        peak = row.peak_mb
+        mem = "–" if peak is None else f"{peak:,.0f} MB" if abs(peak) >= 10 else f"{peak:.1f} MB"
+        first = "–" if row.info.get("first_call_s") is None else fmt_time(row.info["first_call_s"])
+        check = row.info.get("check")
+        note = f"note: {check}" if check and check != "correct" else ""
+        if row.info.get("chunksize"):
+            note = "; ".join(x for x in (f"chunksize={row.info['chunksize']}", note) if x)
+        out.append(
+            f"| {row.label} | {fmt_time(row.median)} | {per_task} | {first} | {row.rounds} | "
+            + "".join(f"{r} | " for r in ratios)
+            + f"{mem} | {fmt_ratio(row.peak_ratio)} | {note} |"
+        )
+    return out
+
+
 def table(groups: dict[str, Group]) -> list[str]:
     out: list[str] = []
     workloads = [w for w in WORKLOADS if w in groups] + sorted(w for w in groups if w not in WORKLOADS)
     for w in workloads:
         group = groups[w]
+        if w in PER_TASK:
+            out += ["", f"### {title(w, group)}", ""]
+            out += per_task_table(w, group)
+            continue
         base = group.get(BASE)
         out += ["", f"### {WORKLOADS.get(w, w)}", ""]
         out += [

@@ -36,8 +36,6 @@ ABORT_SIGNAL = signal.SIGUSR1
 #: How often a worker checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL = 0.5
 
-_watchdog: threading.Thread | None = None
-
 
 def _exit_when_orphaned(parent: int) -> None:
     # A forkserver's worker is the forkserver's child, not the caller's: it watches both.
@@ -57,26 +55,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ensure_watchdog(parent: int) -> None:
-    """Make this worker exit soon after its parent dies, even in the middle of a call.
+def _start_watchdog(parent: int) -> None:
+    """Make this worker exit soon after its parent dies, even in the middle of a call (once per process:
+    :func:`serve` is the process's whole life).
 
     Then loky's resource tracker sees every process gone and removes the
     caller's folder within seconds. ``parent`` is the pid of the process that
     started the worker, passed by it: ``os.getppid()`` here would already name
     init if the caller died while this worker was starting.
     """
-    global _watchdog
-    if _watchdog is None:
-        _watchdog = threading.Thread(target=_exit_when_orphaned, args=(parent,), name="mmexec-watchdog", daemon=True)
-        _watchdog.start()
-
-
-def _forget_watchdog() -> None:
-    global _watchdog
-    _watchdog = None  # a forked child has no thread of its parent's
-
-
-os.register_at_fork(after_in_child=_forget_watchdog)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="mmexec-watchdog", daemon=True).start()
 
 
 def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
@@ -95,7 +83,7 @@ def serve(calls: Any, replies: Any, parent: int, init: tuple[Callable[..., objec
     failure ends the worker, which breaks its executor, as in the standard
     library. Other initializers come as an ``INIT`` message.
     """
-    _ensure_watchdog(parent)
+    _start_watchdog(parent)
     signal.signal(ABORT_SIGNAL, _on_abort_signal)
     if "PYTHONFAULTHANDLER" not in os.environ:  # a crash in native code prints the call's Python traceback
         faulthandler.enable()

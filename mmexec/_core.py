@@ -26,7 +26,6 @@ import math
 import os
 import pickle
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
@@ -35,7 +34,7 @@ from typing import Any
 from loky import BrokenProcessPool
 
 from ._base import batch_pickling_error
-from ._exit import interpreter_exiting
+from ._exit import EXECUTORS, interpreter_exiting
 from ._housekeeper import HOUSEKEEPER
 from ._pickler import PROTOCOL, encode_task
 from ._pool import Source, Worker
@@ -43,7 +42,7 @@ from ._records import Call, Task
 from ._store import Holds, MemmapStore, Session
 from ._worker import WorkerContext
 
-__all__ = ["AHEAD_PER_WORKER", "LIVE", "Core", "WorkItem", "broken_message"]
+__all__ = ["AHEAD_PER_WORKER", "Core", "WorkItem", "broken_message"]
 
 #: The feeder pickles at most this many calls per worker ahead of the workers.
 AHEAD_PER_WORKER = 4
@@ -130,7 +129,7 @@ class Core:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        LIVE.add(self)
+        EXECUTORS.add(self)
 
     # ============================================================ callers
     def put(self, task: Task, scope: Session | None, batch: bool) -> Future[Any]:
@@ -448,7 +447,13 @@ class Core:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.wake_r = self.wake_w = -1
-        LIVE.discard(self)
+        EXECUTORS.discard(self)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: this executor is the parent's; it refuses work here and closes nothing."""
+        self.lock = threading.Lock()
+        self.feed_cond = threading.Condition(self.lock)
+        self.closed = True
 
     def finish_at_exit(self) -> None:
         """Interpreter exit: let the manager finish the work queued and running (as the standard library)."""
@@ -457,19 +462,3 @@ class Core:
             started = self.manager is not None
         if started:
             self.wake()
-
-
-#: Executors whose threads may still run (weakly held: an executor collected ends its threads).
-LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """The parent's executors are not this process's: they refuse work here, and close nothing."""
-    for core in list(LIVE):
-        core.lock = threading.Lock()
-        core.feed_cond = threading.Condition(core.lock)
-        core.closed = True
-    LIVE.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -54,9 +54,9 @@ import loky
 
 from ._base import ExecutorBase
 from ._compat import caller_frame, forkserver_preload
-from ._core import LIVE, Core
+from ._core import Core
 from ._errors import MainGuardError
-from ._exit import at_exit
+from ._exit import EXECUTORS, at_exit
 from ._manager import manager_for
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes, validate_mmap_mode
 from ._pickler import PROTOCOL
@@ -183,7 +183,7 @@ def _context_for_a_loky_worker(context: Any) -> Any:
 
 def _finish_all_at_exit() -> None:
     """Interpreter exit: every executor finishes its calls (as the standard library's), then idle workers stop."""
-    cores = list(LIVE)
+    cores = EXECUTORS.live()
     for core in cores:
         core.finish_at_exit()
     for core in cores:

@@ -13,15 +13,18 @@ warm workers).
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from ._compat import register_exit_hook
 
-__all__ = ["at_exit", "interpreter_exiting"]
+__all__ = ["EXECUTORS", "at_exit", "interpreter_exiting"]
 
 
 class _Exit:
-    """The process's exit state (one instance)."""
+    """The process's exit state (one instance, :data:`_EXIT`): whether it exits, and what runs then."""
 
     def __init__(self) -> None:
         self.exiting = False
@@ -34,6 +37,33 @@ class _Exit:
 
 
 _EXIT = _Exit()
+
+
+class Executors:
+    """The executors of this process whose threads may still run (held weakly: an executor collected ends
+    them), for the exit hook to let them finish. One instance, :data:`EXECUTORS`; a forked child keeps none:
+    its parent's executors refuse work there and close nothing (their ``after_fork_in_child``)."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, core: Any) -> None:
+        self._live.add(core)
+
+    def discard(self, core: Any) -> None:
+        self._live.discard(core)
+
+    def live(self) -> list[Any]:
+        return list(self._live)
+
+    def after_fork_in_child(self) -> None:
+        for core in list(self._live):
+            core.after_fork_in_child()
+        self._live = weakref.WeakSet()
+
+
+EXECUTORS = Executors()
+os.register_at_fork(after_in_child=EXECUTORS.after_fork_in_child)
 
 
 def interpreter_exiting() -> bool:

@@ -10,8 +10,8 @@ import ctypes
 import errno
 import mmap
 import os
-import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,31 +166,18 @@ def layout_order(a: np.ndarray) -> str:
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
-#: Serializes space reservations of this process: two threads that each reserve part of the room
-#: they need before finding there is not enough for both would both fail.
-_RESERVE_LOCK = threading.Lock()
-
-
-def _fresh_reserve_lock() -> None:
-    """In a forked child: another thread of the parent may have held the lock at the fork."""
-    global _RESERVE_LOCK
-    _RESERVE_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_reserve_lock)
-
-
-def write_array(fd: int, path: str, a: np.ndarray, reserve: bool = False) -> None:
+def write_array(fd: int, path: str, a: np.ndarray, reserve: AbstractContextManager[Any] | None = None) -> None:
     """Write ``a``'s bytes at the start of ``fd``; on a full disk remove ``path`` and raise TempFolderError.
 
-    ``reserve`` (a new file) first reserves the whole size (``posix_fallocate``,
-    one thread at a time), so that concurrent dumps into a nearly full folder
-    either get all their room or fail at once, instead of all failing halfway.
+    ``reserve`` (for a new file: a lock, or a null context in a process with
+    one thread) makes it reserve the whole size first (``posix_fallocate``),
+    holding it: concurrent dumps into a nearly full folder then either get
+    all their room or fail at once, instead of all failing halfway.
     """
     pos = 0
     try:
-        if reserve and a.nbytes:
-            with _RESERVE_LOCK:
+        if reserve is not None and a.nbytes:
+            with reserve:
                 os.posix_fallocate(fd, 0, a.nbytes)
         for block in _contiguous_blocks(a):
             view = memoryview(block)  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol

@@ -106,8 +106,18 @@ def delayed(function: Callable[..., T]) -> Callable[..., Call]:
 #: Backends known by name; a registered name maps to a factory of executors.
 _BUILTIN = {"loky": "loky", "multiprocessing": "loky", "processes": "loky", "threading": "threading",
             "sequential": "sequential", "dask": "dask"}
-_REGISTERED: dict[str, Callable[..., Executor]] = {}
-_DEFAULT_BACKEND: list[str] = ["loky"]
+
+
+class _Backends:
+    """The backends registered by name (:func:`register_parallel_backend`) and the default one: the process's
+    (one instance, :data:`_BACKENDS`), as joblib's registry."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, Callable[..., Executor]] = {}
+        self.default = "loky"
+
+
+_BACKENDS = _Backends()
 VALID_PREFER = ("processes", "threads", None)
 VALID_REQUIRE = ("sharedmem", None)
 
@@ -132,18 +142,18 @@ def register_parallel_backend(name: str, factory: Callable[..., Executor], make_
         raise TypeError(f"a backend name must be a non-empty string, not {name!r}")
     if not callable(factory):
         raise TypeError(f"factory must be a callable returning a concurrent.futures.Executor, not {factory!r}")
-    _REGISTERED[name] = factory
+    _BACKENDS.registered[name] = factory
     if make_default:
-        _DEFAULT_BACKEND[0] = name
+        _BACKENDS.default = name
 
 
 def _backend_names() -> list[str]:
-    return sorted({*_BUILTIN, *_REGISTERED})
+    return sorted({*_BUILTIN, *_BACKENDS.registered})
 
 
 def _check_backend(backend: Any) -> Any:
     """``backend`` if it names a backend or is an Executor; joblib's ``Invalid backend`` error otherwise."""
-    if backend is None or isinstance(backend, Executor) or backend in _REGISTERED or backend in _BUILTIN:
+    if backend is None or isinstance(backend, Executor) or backend in _BACKENDS.registered or backend in _BUILTIN:
         return backend
     if isinstance(backend, str):
         raise ValueError(f"Invalid backend: {backend}, expected one of {_backend_names()}")
@@ -494,7 +504,7 @@ class Parallel:
         if backend is None:
             if require == "sharedmem" or prefer == "threads":
                 return "threading"
-            return "sequential" if in_worker() else _DEFAULT_BACKEND[0]
+            return "sequential" if in_worker() else _BACKENDS.default
         shares_memory = backend in ("threading", "sequential") or isinstance(backend, ThreadPoolExecutor)
         if require == "sharedmem" and not shares_memory:
             if from_config:  # as joblib: the block's backend gives way to threads
@@ -520,8 +530,8 @@ class Parallel:
             return backend
         if backend == "sequential":
             return None
-        if backend in _REGISTERED:
-            executor = _REGISTERED[backend](self._workers, **kwargs)
+        if backend in _BACKENDS.registered:
+            executor = _BACKENDS.registered[backend](self._workers, **kwargs)
             if not isinstance(executor, Executor):
                 raise TypeError(
                     f"the factory registered for backend {backend!r} returned {type(executor).__name__}, "

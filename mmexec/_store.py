@@ -199,6 +199,9 @@ class FileRegistry:
         self.descriptors = _Descriptors()
         #: mmap -> ``(st_dev, st_ino)`` of the file it maps (a caller's own np.memmap).
         self.identities: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+        #: Serializes the reservation of room for new files: two threads that each reserve part of the room
+        #: they need before finding there is not enough for both would both fail.
+        self.reserve_lock = threading.Lock()
 
 
 FILES = FileRegistry()
@@ -559,7 +562,7 @@ class MemmapStore:
     def _write_in(self, folder: str, a: np.ndarray, users: int) -> str:
         fd, path = create_private_file(folder)
         try:
-            write_array(fd, path, a, reserve=True)
+            write_array(fd, path, a, reserve=FILES.reserve_lock)
         except BaseException:
             os.close(fd)
             unlink_quietly(path)
@@ -837,6 +840,7 @@ def _after_fork_in_child() -> None:
     FILES.owners.clear()
     _DESCRIPTORS._lock = threading.Lock()
     _DESCRIPTORS._when = -1.0
+    FILES.reserve_lock = threading.Lock()  # (another thread of the parent may have held it at the fork)
     SPARES.after_fork_in_child()
     for store in list(FILES.stores):
         store._after_fork_in_child()

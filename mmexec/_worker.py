@@ -23,6 +23,7 @@ while a call runs, once: a late signal never hits the next call or the loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
@@ -397,7 +398,7 @@ class _ResultEncoder(Side):
             return None  # no file: through the pipe
         fd, path = fd_path
         try:
-            write_array(fd, path, a, reserve=not path.startswith("/proc/"))
+            write_array(fd, path, a, reserve=None if path.startswith("/proc/") else contextlib.nullcontext())
         except OSError:
             return None  # no room: through the pipe
         finally:
@@ -432,7 +433,7 @@ class _ResultEncoder(Side):
         fd, path = made
         try:
             data = np.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view, dtype=np.uint8)
-            write_array(fd, path, data, reserve=True)
+            write_array(fd, path, data, reserve=contextlib.nullcontext())
         except OSError:
             return None
         finally:

@@ -286,6 +286,7 @@ def test_shutdown_without_wait_frees_the_shared_pool_once_idle(tmp_path):
         assert second.submit(square, 5).result(timeout=60) == 25
     open(go, "w").close()
     assert blocked.result(timeout=60) == go
+    first.shutdown(wait=True)  # (its thread deletes its folder once the last task is done)
 
 
 # --------------------------------------------------- Python 3.14 additions (#12)

@@ -42,19 +42,20 @@ def test_parent_and_forked_child_run_side_by_side_with_no_wrong_answer():
 FORK_WHILE_RESERVING = """
 import os, sys
 import numpy as np
-from mmexec import MemmapExecutor, _memmap
+from mmexec import MemmapExecutor
+from mmexec._store import FILES
 
 def total(a):
     return float(a.sum())
 
 if __name__ == "__main__":
-    _memmap._RESERVE_LOCK.acquire()  # as if another thread were reserving room for a dump at the fork
+    FILES.reserve_lock.acquire()  # as if another thread were reserving room for a dump at the fork
     pid = os.fork()
     if pid == 0:
         with MemmapExecutor(1) as ex:  # the child's own executor: its first dump needs the lock
             ok = ex.submit(total, np.ones(300_000)).result(timeout=60) == 300_000
         os._exit(0 if ok else 3)
-    _memmap._RESERVE_LOCK.release()
+    FILES.reserve_lock.release()
     _, status = os.waitpid(pid, 0)
     print(os.waitstatus_to_exitcode(status))
 """

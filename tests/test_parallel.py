@@ -460,7 +460,7 @@ def test_registered_backend_runs_on_its_executor_and_is_shut_down():
         with pytest.raises(TypeError, match="not a concurrent.futures.Executor"):
             Parallel(n_jobs=2, backend="custom-threads")(delayed(square)(i) for i in range(3))
     finally:
-        parallel_module._REGISTERED.pop("custom-threads", None)
+        parallel_module._BACKENDS.registered.pop("custom-threads", None)
     with pytest.raises(ValueError, match="Invalid backend"):
         Parallel(backend="custom-threads")
 
