@@ -16,7 +16,8 @@ ProcessPoolExecutor.
   ``dask.multiprocessing.get(dsk, "total", pool=ex)``, on a graph of
   :data:`T4_TASKS` arrays of :data:`T4_LEN` float64 (literal data in the graph:
   dask pickles each into its task's bytes), one ``sum`` task each, and a
-  reduction; fresh array objects every round. Skipped without dask.
+  reduction; fresh array objects every round, the graph built in the untimed
+  setup. Skipped without dask.
 
 ``MMEXEC_BENCH_QUICK=1`` shrinks them (500 tasks, 1 MiB payloads and arrays)
 to check the code, not to measure: ``MMEXEC_BENCH_QUICK=1 python -m bench -k
@@ -32,7 +33,7 @@ import numpy as np
 import pytest
 
 from . import _tasks
-from .bench_transfer import close, fresh_view
+from .bench_transfer import SLOW, close, fresh_view
 from .conftest import Bench, Runner
 
 MiB = 2**20
@@ -47,8 +48,14 @@ T3_TASKS, T3_SIZE = 8, (1 if QUICK else 32) * MiB
 T4_TASKS, T4_LEN = 8, (1 if QUICK else 16) * MiB // 8
 
 EXECUTORS = ["ppe", "loky", "mmexec"]
-#: (warmup, rounds) for every contender: a call takes at most a few seconds here.
-PLAN = {"warmup": 1, "rounds": 5}
+
+
+def plan(workload: str, key: str) -> dict[str, int]:
+    """1 warmup + 5 rounds; as in S3, no warmup and 2 rounds where one call runs TASKS one-call tasks
+    through ProcessPoolExecutor or loky (seconds per call at full size)."""
+    if workload in ("T1", "T2") and key in SLOW:
+        return {"warmup": 0, "rounds": 2}
+    return {"warmup": 1, "rounds": 5}
 
 
 # ------------------------------------------------------------------------------- T1
@@ -62,7 +69,7 @@ def test_T1(bench: Bench, runner: Runner) -> None:
     def check(out: list[int]) -> None:
         assert out == list(range(TASKS))
 
-    bench("T1", runner, call, check=check, tasks=TASKS, quick=QUICK, **PLAN)
+    bench("T1", runner, call, check=check, tasks=TASKS, quick=QUICK, **plan("T1", runner.key))
 
 
 # ------------------------------------------------------------------------------- T2
@@ -76,7 +83,10 @@ def test_T2(bench: Bench, runner: Runner) -> None:
     def check(out: list[int]) -> None:
         assert out == list(range(TASKS))
 
-    bench("T2", runner, call, check=check, tasks=TASKS, chunksize=runner.chunksize, quick=QUICK, **PLAN)
+    bench(
+        "T2", runner, call, check=check, tasks=TASKS, chunksize=runner.chunksize, quick=QUICK,
+        **plan("T2", runner.key),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- T3
@@ -107,7 +117,8 @@ def test_T3(bench: Bench, runner: Runner, payload_base: bytes) -> None:
 
     bench(
         "T3", runner, call, setup=lambda k: fresh_payloads(payload_base, k), check=check,
-        ref_bytes=2 * T3_TASKS * T3_SIZE, tasks=T3_TASKS, payload_bytes=T3_SIZE, quick=QUICK, **PLAN,
+        ref_bytes=2 * T3_TASKS * T3_SIZE, tasks=T3_TASKS, payload_bytes=T3_SIZE, quick=QUICK,
+        **plan("T3", runner.key),
     )  # fmt: skip
 
 
@@ -145,5 +156,6 @@ def test_T4(bench: Bench, runner: Runner, dask_get: Any, graph_arrays: list[np.n
 
     bench(
         "T4", runner, call, setup=lambda k: (graph(tuple(fresh_view(a, k) for a in graph_arrays)),), check=check,
-        ref_bytes=T4_TASKS * T4_LEN * 8, dask_tasks=T4_TASKS + 1, array_bytes=T4_LEN * 8, quick=QUICK, **PLAN,
+        ref_bytes=T4_TASKS * T4_LEN * 8, dask_tasks=T4_TASKS + 1, array_bytes=T4_LEN * 8, quick=QUICK,
+        **plan("T4", runner.key),
     )  # fmt: skip
