@@ -1,17 +1,20 @@
 """MemmapExecutor: a drop-in ``ProcessPoolExecutor`` that passes large arrays as memory maps.
 
-The shape is CPython's ``concurrent/futures/process.py``: one scheduler, two
-threads, one future per call. Data flow, in the order the data travels::
+The shape is CPython's ``concurrent/futures/process.py``: one scheduler (the
+manager thread), one future per call. Data flow, in the order the data
+travels (each module imports only those before it: ``tests/test_layout.py``)::
 
-    caller                feeder thread              manager thread             worker process
-    ------                -------------              --------------             --------------
-    submit() -----------> pending --> encode -------> ready --> dispatch -----> _bootstrap.serve
-      a _WorkItem and       _pickler.encode_task:       to an idle worker of      _worker.handle: maps
-      its Future,           arrays and large bytes      this executor (one call   the arguments, runs
-      returned at once      -> _store references        at a time each), over     the call, writes large
-                            (dumped once, 0600,         its own pipe (_wire)      results into the
-                            unlinked at once)                                     caller's folder
-    Future <--------------------------------------- set_result <-- decode_result <-- reply (its own pipe)
+    caller            _core                        _manager thread               worker process
+    ------            -----                        ---------------               --------------
+    submit() -------> pending --> _pickler         ready --> an idle worker ---> _bootstrap.serve:
+      a WorkItem and   encode_task: arrays and      of this executor, one call    _worker.handle maps the
+      its Future,      large bytes -> _store        at a time, over its own       arguments, runs the call,
+      returned at      references (dumped once,     pipes (_wire)                 writes large results into
+      once             0600, unlinked at once)                                    the caller's folder
+    Future <-------------------------------------- set_result <-- _pickler.decode_result <-- reply
+
+    (pickling runs on the manager while it is quick, else on _core's feeder thread; workers come from
+    _pool: the process's warm pool, or started for this executor alone)
 
 Who owns what:
 
@@ -19,9 +22,10 @@ Who owns what:
   each file: the caller's array while it lives, each encoded call, each
   result array mapped from it; a file nobody uses is closed (or kept a
   moment for reuse, ``_spares``, unless a worker still maps it).
-* The feeder thread (``_core``) pickles each call shortly before a worker
-  needs it (while that is quick, the manager does it itself), never in
-  ``submit``; calls queued together compare each array with its dump once.
+* Calls are pickled shortly before a worker needs them, never in ``submit``:
+  by the manager itself while that is quick, else by the feeder thread
+  (``_core``), a few calls ahead; calls queued together compare each array
+  with its dump once.
 * The manager thread (``_manager``) owns this executor's workers
   (``_pool``: leased from the process's warm pool): it sends one
   call to an idle worker, reads replies, decodes results, sets futures

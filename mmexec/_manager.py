@@ -40,11 +40,12 @@ from ._bootstrap import ABORT_SIGNAL
 from ._core import Core, WorkItem, broken_message
 from ._errors import AbortedError
 from ._exit import interpreter_exiting
+from ._files import FILES
 from ._housekeeper import HOUSEKEEPER
 from ._pickler import PROTOCOL, decode_result
 from ._pool import Worker, reap
 from ._records import Outcomes
-from ._store import FILES, Session, owner_of
+from ._store import Session, owner_of
 from ._wire import CALL, INIT_DONE, REPLY_ABORTED, REPLY_BROKEN, REPLY_RETIRE, RESULT, Message
 
 __all__ = ["INLINE_LIMIT", "Manager"]

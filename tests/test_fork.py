@@ -43,7 +43,7 @@ FORK_WHILE_RESERVING = """
 import os, sys
 import numpy as np
 from mmexec import MemmapExecutor
-from mmexec._store import FILES
+from mmexec._files import FILES
 
 def total(a):
     return float(a.sum())
