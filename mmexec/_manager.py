@@ -252,6 +252,12 @@ class Manager:
             owner = owner_of(path)
             if owner is not None:
                 owner.mark_kept(path)
+        if worker.retiring:
+            self.retire(worker)
+        elif worker.pid in core.workers and not worker.killed:
+            core.idle.append(worker)
+            if not flags & REPLY_BROKEN:
+                self.dispatch()  # first: the worker gets its next call while this result is decoded and set
         outcome: Outcomes | BaseException | None = None
         if item is None or flags & REPLY_ABORTED:
             core.store.discard_results(files, buffers)
@@ -261,10 +267,6 @@ class Manager:
             except BaseException as exc:  # (ResultError) fails this future only
                 outcome = exc
         del message
-        if worker.retiring:
-            self.retire(worker)
-        elif worker.pid in core.workers and not worker.killed:
-            core.idle.append(worker)
         if item is not None:
             core.release(item)
             if outcome is not None:

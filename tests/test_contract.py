@@ -416,3 +416,39 @@ def test_executor_manager_thread_is_the_thread_that_serves_the_executor():
     ex.shutdown(wait=False)
     thread.join(timeout=60)
     assert not thread.is_alive() and fut.result() == 16
+
+
+THREADS_WHILE_TASKS_RUN = """
+import os, sys, threading, time
+from concurrent.futures import ProcessPoolExecutor
+import numpy as np
+from mmexec import MemmapExecutor
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return 1
+
+if __name__ == "__main__":
+    go = {go!r}
+    with {cls}(2) as ex:
+        futures = [ex.submit(wait_for, go) for _ in range(4)] + [ex.submit(np.sum, np.ones(2**18)) for _ in range(8)]
+        while not any(f.running() for f in futures):
+            time.sleep(0.01)
+        names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        open(go, "w").close()
+        [f.result() for f in futures]
+    print(len(names), names)
+"""
+
+
+@pytest.mark.parametrize("cls", ["ProcessPoolExecutor", "MemmapExecutor"])
+def test_while_tasks_run_the_caller_has_two_threads_besides_its_own(tmp_path, cls):
+    """While tasks run, the caller has two threads besides the main one: the stdlib's manager and queue
+    feeder, mmexec's manager and feeder; no scheduler is stacked on another (#20)."""
+    from _tasks import run_script
+
+    proc = run_script(tmp_path, THREADS_WHILE_TASKS_RUN.format(cls=cls, go=str(tmp_path / "go")), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = int(proc.stdout.split()[0])
+    assert count <= 2, proc.stdout

@@ -279,6 +279,18 @@ def test_two_threads_dumping_into_a_folder_with_room_for_one_do_not_both_fail(tm
         assert os.listdir(tmpfs_64m) == []
 
 
+def test_freed_files_kept_for_reuse_are_let_go_before_a_folder_is_called_full(tmpfs_64m):
+    """A 40 MiB dump freed (kept for reuse) holds room; a 45 MiB array, too big to reuse it, still gets its
+    room: kept files are freed before TempFolderError is raised (#19)."""
+    with MemmapExecutor(1, temp_folder=tmpfs_64m) as ex:
+        a = np.ones(40 * 2**20 // 8)
+        assert ex.submit(describe, a).result()["sum"] == a.size
+        del a
+        gc.collect()
+        b = np.full(45 * 2**20 // 8, 2.0)
+        assert ex.submit(describe, b).result()["sum"] == 2.0 * b.size
+
+
 def test_shutdown_frees_everything_in_a_chosen_folder_so_it_can_be_unmounted(tmpfs_64m):
     """After the with block nothing holds the folder's file system: freed files kept for reuse are closed too."""
     with MemmapExecutor(1, temp_folder=tmpfs_64m) as ex:
