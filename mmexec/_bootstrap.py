@@ -8,8 +8,11 @@ imports numpy or the rest of mmexec, so the workers an executor starts do not
 compete for the CPUs with the one that runs its first task (``_worker`` is
 imported with the first message that needs it).
 
-Signals: :data:`ABORT_SIGNAL` interrupts the running call (``_worker``
-raises ``TaskAborted`` in it, and only in it). Ctrl-C in a terminal reaches
+Signals: the caller aborts a call by writing its id into the worker's abort
+pipe, then sending :data:`ABORT_SIGNAL`; the handler (:data:`ABORTS`) raises
+:class:`TaskAborted` in that call only, once. A signal with no request for
+the running call (a stray ``kill -USR1``, a request that came after its call
+ended) changes nothing. Ctrl-C in a terminal reaches
 every worker of the process group: an idle worker ignores it (it stays warm),
 a running call gets ``KeyboardInterrupt`` as it would in the caller.
 """
@@ -20,6 +23,7 @@ import faulthandler
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -29,10 +33,12 @@ from typing import Any
 
 from ._wire import INIT_DONE, REPLY_RETIRE, STOP, Reader, send
 
-__all__ = ["ABORT_SIGNAL", "PARENT_CHECK_INTERVAL", "serve"]
+__all__ = ["ABORTS", "ABORT_SIGNAL", "CALL_ID", "PARENT_CHECK_INTERVAL", "Aborts", "TaskAborted", "serve"]
 
 #: The signal the caller sends to interrupt a call that an abort cancelled.
 ABORT_SIGNAL = signal.SIGUSR1
+#: An abort request on the abort pipe: the id of the call to stop.
+CALL_ID = struct.Struct("<Q")
 #: How often a worker checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL = 0.5
 
@@ -67,16 +73,62 @@ def _start_watchdog(parent: int) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent,), name="mmexec-watchdog", daemon=True).start()
 
 
-def _on_abort_signal(signum: int, frame: FrameType | None) -> None:
-    handler = getattr(sys.modules.get("mmexec._worker"), "on_abort_signal", None)
-    if handler is not None:  # (not imported yet: no call ran, none to stop)
-        handler(signum, frame)
+class TaskAborted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an ordinary error
+    """Raised inside a task whose caller aborted it (``MemmapExecutor.abort``)."""
 
 
-def serve(calls: Any, replies: Any, parent: int, init: tuple[Callable[..., object], tuple[Any, ...]] | None) -> None:
+class Aborts:
+    """This worker's abort requests (one instance, :data:`ABORTS`; :func:`serve` gives it the abort pipe, and
+    ``_worker`` marks the call that runs).
+
+    Call ids are unique in the caller's process and grow, so a request for a
+    call that already ended can never match a later one.
+    """
+
+    def __init__(self) -> None:
+        self.fd = -1  # the abort pipe's read end (non-blocking)
+        self.requested: set[int] = set()  # ids of calls the caller aborted
+        self.running = 0  # the id of the call that runs now (0: none)
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: raise :class:`TaskAborted` in the running call if the caller aborted it."""
+        self.drain()
+        ident = self.running
+        if ident and ident in self.requested:
+            self.running = 0
+            raise TaskAborted("the caller aborted this task")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # (BlockingIOError: nothing more)
+                return
+            if not data:
+                return
+            self.requested.update(ident for (ident,) in CALL_ID.iter_unpack(data))
+
+    def begin(self, ident: int) -> bool:
+        """Mark call ``ident`` as running; False if it was aborted before it started (it must not run)."""
+        if self.requested:
+            self.requested = {i for i in self.requested if i >= ident}
+        self.running = ident  # (first: a signal from here on raises in the call)
+        if ident in self.requested:
+            self.running = 0
+            return False
+        return True
+
+
+#: This worker's abort requests.
+ABORTS = Aborts()
+
+
+def serve(
+    calls: Any, replies: Any, aborts: Any, parent: int, init: tuple[Callable[..., object], tuple[Any, ...]] | None
+) -> None:
     """A worker's loop: read a message, act on it, reply; return (the process exits) on STOP or end of input.
 
-    ``calls`` and ``replies`` are this worker's two pipe ends
+    ``calls``, ``replies`` and ``aborts`` are this worker's pipe ends
     (``multiprocessing`` connections: only their descriptors are used).
     ``init`` is ``(initializer, initargs)`` for arguments that only a new
     process can inherit (a ``multiprocessing.Queue``): it runs now, and a
@@ -84,7 +136,9 @@ def serve(calls: Any, replies: Any, parent: int, init: tuple[Callable[..., objec
     library. Other initializers come as an ``INIT`` message.
     """
     _start_watchdog(parent)
-    signal.signal(ABORT_SIGNAL, _on_abort_signal)
+    ABORTS.fd = aborts.fileno()
+    os.set_blocking(ABORTS.fd, False)
+    signal.signal(ABORT_SIGNAL, ABORTS.on_signal)
     if "PYTHONFAULTHANDLER" not in os.environ:  # a crash in native code prints the call's Python traceback
         faulthandler.enable()
     reader, reply_fd = Reader(calls.fileno()), replies.fileno()

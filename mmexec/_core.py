@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import pickle
@@ -112,7 +111,6 @@ class Core:
         self.running: dict[int, WorkItem] = {}  # ident -> item sent (the manager's)
         self.aborts: deque[AbortRequest] = deque()
         self.ahead = AHEAD_PER_WORKER * max_workers
-        self.idents = itertools.count(1)
         self.by_reference: dict[int, tuple[Any, bool]] = {}  # functions and classes known to travel by name
         #: The manager pickles the calls itself, as a worker needs one, while that is quick; after one slow
         #: pickle (or a batch: Parallel's), the feeder thread does, ahead of the workers.
@@ -123,6 +121,7 @@ class Core:
         self.manager: threading.Thread | None = None
         self.feeder: threading.Thread | None = None
         self.feeder_waiting = False
+        self.feeder_ended = False  # set as its last act (the manager, once broken, waits for it)
         self.manager_sleeping = False
         self.manager_starving = False  # asleep with an idle worker: wake it when a call can go
         self.closed = False
@@ -334,6 +333,7 @@ class Core:
             self.crash(exc)
             raise
         finally:
+            self.feeder_ended = True  # (before the wake: a thread still ending may report is_alive() a while)
             self.wake()  # (the manager may wait for the feeder to end)
 
     def _can_feed(self) -> bool:

@@ -36,14 +36,13 @@ from typing import Any
 from loky import BrokenProcessPool
 from loky.process_executor import TerminatedWorkerError
 
-from ._bootstrap import ABORT_SIGNAL
 from ._core import Core, WorkItem, broken_message
 from ._errors import AbortedError
 from ._exit import interpreter_exiting
 from ._files import FILES
 from ._housekeeper import HOUSEKEEPER
 from ._pickler import PROTOCOL, decode_result
-from ._pool import Worker, reap
+from ._pool import CALL_IDS, Worker, reap
 from ._records import Outcomes
 from ._store import Session, owner_of
 from ._wire import CALL, INIT_DONE, REPLY_ABORTED, REPLY_BROKEN, REPLY_RETIRE, RESULT, Message
@@ -129,7 +128,7 @@ class Manager:
     def finished(self) -> bool:
         core = self.core
         if core.broken is not None:
-            return core.feeder is None or not core.feeder.is_alive()
+            return core.feeder is None or core.feeder_ended
         if not (core.shutdown or core.gone or interpreter_exiting()):
             return False
         with core.lock:
@@ -223,7 +222,7 @@ class Manager:
         meta = b"" if not (spares or buffers or blobs or not files_ok) else pickle.dumps(
             (spares or None, files_ok, buffers or None, blobs), PROTOCOL
         )
-        item.ident = next(core.idents)
+        item.ident = next(CALL_IDS)
         item.worker, worker.item = worker, item
         core.running[item.ident] = item
         payload, item.payload = item.payload, None
@@ -261,6 +260,8 @@ class Manager:
         outcome: Outcomes | BaseException | None = None
         if item is None or flags & REPLY_ABORTED:
             core.store.discard_results(files, buffers)
+            if item is not None and not item.aborted:  # (never: a worker stops only calls it was asked to)
+                outcome = AbortedError("the worker stopped this task unasked")
         else:
             try:
                 outcome = decode_result(message.body, core.store, buffers, blobs, files)
@@ -354,7 +355,7 @@ class Manager:
                     item.aborted = True
                     item.deadline = now + request.grace
                     if item.worker is not None:
-                        item.worker.signal(ABORT_SIGNAL)
+                        item.worker.abort(item.ident)
             request.done.set()
         self.tend_aborts()
 

@@ -23,6 +23,7 @@ gives them back (or stops them) when it ends; :data:`WARM` owns idle ones.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -32,16 +33,19 @@ from typing import Any
 
 import loky
 
-from ._bootstrap import serve
+from ._bootstrap import ABORT_SIGNAL, CALL_ID, serve
 from ._housekeeper import HOUSEKEEPER
 from ._wire import CONFIG, INIT, STOP, Reader, send
 
-__all__ = ["IDLE_TIMEOUT", "WARM", "Source", "WarmPool", "Worker", "loky_context", "reap", "start_worker"]
+__all__ = ["CALL_IDS", "IDLE_TIMEOUT", "WARM", "Source", "WarmPool", "Worker", "loky_context", "reap", "start_worker"]
 
 #: Idle warm workers exit after this many seconds (as joblib's).
 IDLE_TIMEOUT = 300.0
 #: Idle warm workers kept at most, beyond which the oldest are stopped.
 MOST_IDLE = max(8, 2 * (os.cpu_count() or 1))
+#: Ids of calls, unique in this process (a warm worker serves one executor after another, and an abort
+#: request names its call by id: a late request can never match another executor's call).
+CALL_IDS = itertools.count(1)
 
 
 def loky_context() -> Any:
@@ -52,14 +56,17 @@ def loky_context() -> Any:
 class Worker:
     """One worker process as the caller sees it: its pipes, and what it runs now (the manager's business)."""
 
-    __slots__ = ("_calls", "_replies", "call_fd", "failure", "item", "key", "killed", "pid", "process", "reader",
-                 "reply_fd", "retiring")
+    __slots__ = ("_aborts", "_calls", "_replies", "abort_fd", "call_fd", "failure", "item", "key", "killed", "pid",
+                 "process", "reader", "reply_fd", "retiring")
 
-    def __init__(self, process: Any, calls: Any, replies: Any, key: object) -> None:
+    def __init__(self, process: Any, calls: Any, replies: Any, aborts: Any, key: object) -> None:
         self.process = process
         self.pid: int = process.pid
-        self._calls, self._replies = calls, replies  # multiprocessing connections: they own the descriptors
+        # multiprocessing connections: they own the descriptors
+        self._calls, self._replies, self._aborts = calls, replies, aborts
         self.call_fd: int = calls.fileno()
+        self.abort_fd: int = aborts.fileno()
+        os.set_blocking(self.abort_fd, False)
         self.reply_fd: int = replies.fileno()
         self.reader = Reader(self.reply_fd)
         self.key = key
@@ -85,6 +92,12 @@ class Worker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(self.pid, signum)
 
+    def abort(self, ident: int) -> None:
+        """Interrupt call ``ident`` if it still runs in this worker (``_bootstrap.Aborts``)."""
+        with contextlib.suppress(OSError):  # (a dead worker, or a full pipe: then the grace period decides)
+            os.write(self.abort_fd, CALL_ID.pack(ident))
+        self.signal(ABORT_SIGNAL)
+
     def kill(self) -> None:
         self.killed = True
         self.signal(signal.SIGKILL)
@@ -99,7 +112,7 @@ class Worker:
 
     def close(self) -> None:
         """Let go of the pipes (the process exits once it reads the end of its input)."""
-        for conn in (self._calls, self._replies):
+        for conn in (self._calls, self._replies, self._aborts):
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -125,17 +138,18 @@ def start_worker(context: Any, init: tuple[Callable[..., object], tuple[Any, ...
     """Start a worker process with ``context``; ``init`` runs in it first (arguments passed at its start)."""
     calls_r, calls_w = context.Pipe(duplex=False)
     replies_r, replies_w = context.Pipe(duplex=False)
-    process = context.Process(target=serve, args=(calls_r, replies_w, os.getpid(), init))
+    aborts_r, aborts_w = context.Pipe(duplex=False)
+    process = context.Process(target=serve, args=(calls_r, replies_w, aborts_r, os.getpid(), init))
     try:
         process.start()
     except BaseException:
-        for conn in (calls_w, replies_r):
+        for conn in (calls_w, replies_r, aborts_w):
             conn.close()
         raise
     finally:
-        calls_r.close()
-        replies_w.close()
-    return Worker(process, calls_w, replies_r, key)
+        for conn in (calls_r, replies_w, aborts_r):
+            conn.close()
+    return Worker(process, calls_w, replies_r, aborts_w, key)
 
 
 class WarmPool:

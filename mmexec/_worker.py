@@ -16,9 +16,10 @@
   argument maps outlived the task (the caller then never reuses their
   files), and whether this worker retires.
 
-Abort: the caller sends :data:`ABORT_SIGNAL` to the worker running an
-aborted call, and to no other. The handler raises :class:`TaskAborted` only
-while a call runs, once: a late signal never hits the next call or the loop.
+Abort: the caller names the aborted call on the worker's abort pipe and sends
+:data:`ABORT_SIGNAL` (``_bootstrap.ABORTS``); :class:`TaskAborted` is raised
+in that call only, once: a late or stray signal never hits another call or
+the loop, and a call aborted before it started never runs.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ import pickle
 import traceback
 import weakref
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import numpy as np
 from loky import BrokenProcessPool
 
-from ._bootstrap import ABORT_SIGNAL
+from ._bootstrap import ABORT_SIGNAL, ABORTS, TaskAborted
 from ._compat import RemoteTraceback
 from ._errors import FileChangedError
 from ._memmap import ArrayRef, BlobRef, backing_memmap, file_offset_of, layout_order, write_array
@@ -58,7 +58,7 @@ from ._wire import (
     Message,
 )
 
-__all__ = ["ABORT_SIGNAL", "TaskAborted", "WorkerContext", "handle", "in_worker", "on_abort_signal", "run_calls"]
+__all__ = ["ABORT_SIGNAL", "TaskAborted", "WorkerContext", "handle", "in_worker", "run_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +71,6 @@ class WorkerContext:
     max_tasks: int | None = None  # max_tasks_per_child
 
 
-class TaskAborted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an ordinary error
-    """Raised inside a task whose caller aborted it (``MemmapExecutor.abort``)."""
-
-
 class _State:
     """This worker process's state (one instance, :data:`_STATE`)."""
 
@@ -83,7 +79,6 @@ class _State:
         self.in_worker = False
         self.tasks = 0  # tasks run under the current lease
         self.thread_limit: int | None = None
-        self.running = False  # a call runs: the abort signal may stop it
 
 
 _STATE = _State()
@@ -99,7 +94,9 @@ def handle(message: Message) -> tuple[int, int, bytes, bytes, int] | None:
     _STATE.in_worker = True
     if message.kind == CALL:
         return _call(message)
-    if message.kind == CONFIG:
+    if message.kind == CONFIG:  # a new lease: requests to abort the last one's calls are moot
+        ABORTS.drain()
+        ABORTS.requested.clear()
         ctx: WorkerContext = pickle.loads(message.meta)
         _STATE.ctx, _STATE.tasks = ctx, 0
         _limit_threads(ctx.threads)
@@ -145,21 +142,15 @@ def _init(message: Message) -> tuple[int, int, bytes, bytes, int]:
 
 
 # ------------------------------------------------------------------ abort
-def on_abort_signal(signum: int, frame: FrameType | None) -> None:
-    """The abort handler's work (installed by ``_bootstrap.serve``): stop the running call, once."""
-    if _STATE.running:
-        _STATE.running = False
-        raise TaskAborted("the caller aborted this task")
-
-
-def _run_guarded(task: Task) -> Outcomes | None:
-    """Run a task's calls; None if it was aborted (wherever the signal came between the two ``try`` s)."""
+def _run_guarded(task: Task, ident: int) -> Outcomes | None:
+    """Run a task's calls; None if it was aborted (before it started, or wherever the signal came)."""
     try:
         try:
-            _STATE.running = True
+            if not ABORTS.begin(ident):
+                return None
             return run_calls(task)
         finally:
-            _STATE.running = False
+            ABORTS.running = 0
     except TaskAborted:
         return None
 
@@ -248,7 +239,7 @@ def _call(message: Message) -> tuple[int, int, bytes, bytes, int]:
             flags |= REPLY_BROKEN
     else:
         del message
-        outcomes = _run_guarded(task)
+        outcomes = _run_guarded(task, ident)
         del task
     _STATE.tasks += 1
     max_tasks = _STATE.ctx.max_tasks

@@ -5,9 +5,7 @@ space, descriptors) or stray signals break nothing."""
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import json
-import math
 import multiprocessing
 import os
 import signal
@@ -23,7 +21,6 @@ import pytest
 from _tasks import add, pid, run_script, settle, square, total, touch
 from conftest import our_folders
 
-import mmexec
 from mmexec import AbortedError, MemmapExecutor, Parallel, ResultError, delayed
 
 PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
@@ -555,5 +552,3 @@ def test_storms_leave_no_innocent_failure_double_run_or_wrong_answer():
     bad = {k: v for k, v in seen.items() if isinstance(v, int) and not k.endswith("_total") and v != 0}
     assert bad == {}, seen
 
-
-_unused = (gc, math, mmexec)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from _tasks import describe, pid, run_script, square
+from _tasks import describe, pid, raise_value_error, run_script, square
 
 from mmexec import MemmapExecutor
 
@@ -233,6 +234,21 @@ def test_a_failing_initializer_on_an_own_pool_is_logged_once_and_breaks_it(tmp_p
     assert proc.stdout.strip() == "BrokenProcessPool", proc.stderr
     assert proc.stderr.count("Exception in initializer") == 1, proc.stderr
     assert proc.stderr.count("ValueError: initializer failed on purpose") == 1, proc.stderr
+
+
+def test_shutdown_of_an_executor_broken_by_its_initializer_always_returns():
+    """30 fork-context executors whose initializer fails: each future fails with BrokenProcessPool and each
+    shutdown(wait=True) returns (the manager once waited for a feeder thread that had ended, now and then)."""
+    for _ in range(30):
+        ex = MemmapExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=raise_value_error,
+                            initargs=("initializer failed on purpose",))
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(abs, -1).result(timeout=60)
+        done = threading.Event()
+        closer = threading.Thread(target=lambda ex=ex: (ex.shutdown(wait=True), done.set()), daemon=True)
+        closer.start()
+        closer.join(30)
+        assert done.is_set(), "shutdown(wait=True) of a broken executor never returned"
 
 
 def test_mp_context_stays_readable_after_shutdown():
