@@ -17,6 +17,9 @@ name                                          why
 ``sys._getframe``                             the main-guard check walks the caller's frames
 ``multiprocessing.forkserver._forkserver``    the forkserver's preloaded modules, extended (through the
 ``._preload_modules``                         public ``set_forkserver_preload``) inside a loky worker
+``multiprocessing.util.Finalize``             (undocumented) the exit hook of a ``multiprocessing`` child
+                                              process, which joins its own children before ``threading``'s
+                                              exit hooks run there
 ============================================  ===========================================================
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing.forkserver
+import multiprocessing.util
 import sys
 import threading
 from collections.abc import Callable
@@ -31,7 +35,14 @@ from concurrent.futures import process as _stdlib_process
 from types import FrameType
 from typing import Any
 
-__all__ = ["RemoteTraceback", "caller_frame", "forkserver_preload", "mmap_of", "register_exit_hook"]
+__all__ = [
+    "RemoteTraceback",
+    "caller_frame",
+    "forkserver_preload",
+    "mmap_of",
+    "register_child_exit_hook",
+    "register_exit_hook",
+]
 
 #: The standard library's wrapper for a worker's formatted traceback (an exception's ``__cause__``).
 RemoteTraceback: type[Exception] = _stdlib_process._RemoteTraceback
@@ -40,6 +51,13 @@ RemoteTraceback: type[Exception] = _stdlib_process._RemoteTraceback
 def register_exit_hook(hook: Callable[[], object]) -> None:
     """Run ``hook`` when the interpreter starts to exit, before ``atexit`` handlers and thread joins."""
     threading._register_atexit(hook)  # type: ignore[attr-defined]
+
+
+def register_child_exit_hook(hook: Callable[[], object]) -> None:
+    """Run ``hook`` when this process, a ``multiprocessing`` child, ends, before it joins the processes it
+    started (there that join comes before :func:`register_exit_hook` 's hooks); in a main process, at
+    ``atexit`` time. Register it again in a forked child: ``multiprocessing`` forgets these there."""
+    multiprocessing.util.Finalize(None, hook, exitpriority=100)
 
 
 def mmap_of(a: Any) -> mmap.mmap | None:

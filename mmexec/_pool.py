@@ -34,6 +34,7 @@ from typing import Any
 import loky
 
 from ._bootstrap import ABORT_SIGNAL, CALL_ID, serve
+from ._exit import started_a_child
 from ._housekeeper import HOUSEKEEPER
 from ._wire import CONFIG, INIT, STOP, Reader, send
 
@@ -136,6 +137,7 @@ def reap(process: Any) -> None:
 
 def start_worker(context: Any, init: tuple[Callable[..., object], tuple[Any, ...]] | None, key: object) -> Worker:
     """Start a worker process with ``context``; ``init`` runs in it first (arguments passed at its start)."""
+    started_a_child()
     calls_r, calls_w = context.Pipe(duplex=False)
     replies_r, replies_w = context.Pipe(duplex=False)
     aborts_r, aborts_w = context.Pipe(duplex=False)

@@ -198,3 +198,11 @@ def run_script(folder: Any, text: str, timeout: float = 300) -> Any:
     with open(script, "w") as f:
         f.write(text)
     return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout)
+
+
+def use_an_executor_and_return(out: Any) -> None:
+    """A multiprocessing child's target: use an executor (its workers stay warm), report, return."""
+    from mmexec import MemmapExecutor
+
+    with MemmapExecutor(1) as ex:
+        out.put(ex.submit(abs, -3).result(timeout=60))

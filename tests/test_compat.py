@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import mmap
 import multiprocessing
+import os
 import sys
 import threading
 from pathlib import Path
@@ -37,6 +38,27 @@ def test_register_exit_hook_is_threadings_own_and_runs_before_atexit_handlers(tm
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["hook", "atexit"], out.stderr
+
+
+def test_register_child_exit_hook_runs_as_a_multiprocessing_child_ends(tmp_path):
+    """multiprocessing.util.Finalize(None, hook, exitpriority=...): the hook runs as a child process ends,
+    before the child joins a process of its own that only the hook lets end."""
+    import subprocess
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import multiprocessing as mp, os\nfrom mmexec._compat import register_child_exit_hook\n"
+        "def grandchild(r):\n    r.recv_bytes()\n"
+        "def child(path):\n    r, w = mp.Pipe(False)\n    mp.Process(target=grandchild, args=(r,)).start()\n"
+        "    def hook():\n        open(path, 'w').close()\n        w.send_bytes(b'go')\n"
+        "    register_child_exit_hook(hook)\n"
+        "if __name__ == '__main__':\n    p = mp.get_context('spawn').Process(target=child, args=(os.environ['OUT'],))\n"
+        "    p.start(); p.join(60); print(p.exitcode)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OUT": str(tmp_path / "ran")})
+    assert out.stdout.split() == ["0"], out.stderr
+    assert (tmp_path / "ran").exists()
 
 
 def test_remote_traceback_is_the_stdlibs_cause_class():

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from _tasks import describe, pid, raise_value_error, run_script, square
+from _tasks import describe, pid, raise_value_error, run_script, square, use_an_executor_and_return
 
 from mmexec import MemmapExecutor
 
@@ -245,10 +245,28 @@ def test_shutdown_of_an_executor_broken_by_its_initializer_always_returns():
         with pytest.raises(BrokenProcessPool):
             ex.submit(abs, -1).result(timeout=60)
         done = threading.Event()
-        closer = threading.Thread(target=lambda ex=ex: (ex.shutdown(wait=True), done.set()), daemon=True)
+        closer = threading.Thread(target=lambda ex=ex, done=done: (ex.shutdown(wait=True), done.set()), daemon=True)
         closer.start()
         closer.join(30)
         assert done.is_set(), "shutdown(wait=True) of a broken executor never returned"
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_multiprocessing_child_that_used_an_executor_exits(method):
+    """A multiprocessing child joins its children before threading's exit hooks run: mmexec's warm workers
+    must stop first, or the child waits for them (it hung until their 300 s idle timeout)."""
+    ctx = multiprocessing.get_context(method)
+    out = ctx.SimpleQueue()
+    child = ctx.Process(target=use_an_executor_and_return, args=(out,))
+    child.start()
+    try:
+        assert out.get() == 3
+        child.join(60)
+        assert child.exitcode == 0, "the child never exited"
+    finally:
+        if child.exitcode is None:
+            child.kill()
+            child.join(10)
 
 
 def test_mp_context_stays_readable_after_shutdown():
