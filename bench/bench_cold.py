@@ -48,9 +48,10 @@ class _Process:
 
     def end(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write("exit\n")
-        self.proc.stdin.flush()
-        assert self.proc.wait(timeout=120) == 0
+        with self.proc:  # (closes the pipes)
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.flush()
+            assert self.proc.wait(timeout=120) == 0
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)

@@ -240,17 +240,17 @@ class Core:
     def stop(self, cancel_futures: bool) -> None:
         with self.lock:
             self.shutdown = True
-            cancelled = []
-            if cancel_futures:
-                cancelled = [i for i in (*self.pending, *self.burst, *self.ready) if i.future.cancel()]
-                gone = set(cancelled)
-                self.pending = deque(i for i in self.pending if i not in gone)
-                self.burst = deque(i for i in self.burst if i not in gone)
-                self.ready = deque(i for i in self.ready if i not in gone)
-                self.items -= gone
+            dropped: list[WorkItem] = []
+            if cancel_futures:  # (cancelled below, outside the lock: cancel() runs the done-callbacks)
+                dropped = [*self.pending, *self.burst, *self.ready]
+                self.pending.clear()
+                self.burst.clear()
+                self.ready.clear()
+                self.items.difference_update(dropped)
             started = self.manager is not None
             self.feed_cond.notify_all()
-        for item in cancelled:
+        for item in dropped:
+            item.future.cancel()
             self.release(item)
         if started:
             self.wake()
@@ -274,9 +274,13 @@ class Core:
             self.close()
 
     def join(self) -> None:
-        for thread in (self.feeder, self.manager):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()
+        """Wait for the executor's threads to end; from one of them (a done-callback), return at once: they
+        cannot end before the callback returns."""
+        threads = [t for t in (self.feeder, self.manager) if t is not None]
+        if threading.current_thread() in threads:
+            return
+        for thread in threads:
+            thread.join()
 
     def abort(self, futures: Iterable[Future[Any]] | None, grace: float, apply: Callable[[], None]) -> None:
         """Cancel the chosen calls not sent, and have the manager abort the running ones (``apply`` is the

@@ -364,9 +364,8 @@ class MemmapStore:
                 return dump.ref
         if _DESCRIPTORS.left() < _DESCRIPTORS.PER_FILE:
             return None  # out of descriptors: pickle this array into the task
-        dump = self._new_dump(a)
-        holds.session.checked.add(key)
-        self.hold(dump.path)
+        dump = self._new_dump(a, users=2)  # (the array's and this task's, at once: another thread's new dump
+        holds.session.checked.add(key)  # of the same array may release the array's at any moment)
         holds.files.append((self, dump.path))
         return dump.ref
 
@@ -389,8 +388,8 @@ class MemmapStore:
         session.checked.add(dump.key)
         return True
 
-    def _new_dump(self, a: np.ndarray) -> _Dump:
-        ref_path = self._write(a)  # held by the array
+    def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
+        ref_path = self._write(a, users)  # held by the array (and the task that dumps it)
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]

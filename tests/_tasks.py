@@ -206,3 +206,9 @@ def use_an_executor_and_return(out: Any) -> None:
 
     with MemmapExecutor(1) as ex:
         out.put(ex.submit(abs, -3).result(timeout=60))
+
+
+def started_then_wait(started: str, flag: str, timeout: float = 60.0) -> str:
+    """Say it started (``started`` is created), then wait for ``flag``; return ``flag``."""
+    touch(started)
+    return wait_event(flag, timeout)

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
-from _tasks import add, pid, raise_value_error, square, wait_event
+from _tasks import add, pid, raise_value_error, square, started_then_wait, wait_event
 
 from mmexec import MemmapExecutor
 
@@ -452,3 +452,55 @@ def test_while_tasks_run_the_caller_has_two_threads_besides_its_own(tmp_path, cl
     assert proc.returncode == 0, proc.stderr[-3000:]
     count = int(proc.stdout.split()[0])
     assert count <= 2, proc.stdout
+
+
+# ---------------------------------------------------------------- done-callbacks that call the executor
+def test_a_callback_of_a_future_cancelled_by_shutdown_may_call_the_executor(executor_class, tmp_path):
+    """shutdown(cancel_futures=True) runs the cancelled futures' callbacks where no lock of the executor is
+    held: a callback that submits more gets the stdlib's RuntimeError, and shutdown returns."""
+    started, flag = str(tmp_path / "started"), str(tmp_path / "flag")
+    ex = executor_class(1)
+    blocker = ex.submit(started_then_wait, started, flag)
+    wait_event(started, 60)
+    queued = [ex.submit(square, i) for i in range(5)]
+    seen: list[str] = []
+    called = threading.Event()
+
+    def chain(fut: Future) -> None:
+        try:
+            ex.submit(square, 3)
+        except RuntimeError:
+            seen.append("refused")
+        called.set()
+
+    queued[-1].add_done_callback(chain)
+    closer = threading.Thread(target=ex.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+    closer.start()
+    assert called.wait(60)
+    assert queued[-1].cancelled()
+    with open(flag, "w"):
+        pass
+    closer.join(60)
+    assert not closer.is_alive(), "shutdown(cancel_futures=True) deadlocked in a done-callback"
+    assert seen == ["refused"]
+    assert blocker.result(timeout=60) == flag
+
+
+def test_shutdown_with_wait_from_a_done_callback_lets_every_call_finish(executor_class):
+    """shutdown(wait=True) in a done-callback (run by the executor's own thread) cannot wait for that thread:
+    it returns (the stdlib's raises RuntimeError there), and every call queued still finishes."""
+    ex = executor_class(1)
+    futures = [ex.submit(square, i) for i in range(6)]
+    outcomes: list[str] = []
+
+    def stop(fut: Future) -> None:
+        try:
+            ex.shutdown(wait=True)
+            outcomes.append("returned")
+        except RuntimeError as exc:
+            outcomes.append(f"RuntimeError: {exc}")
+
+    futures[0].add_done_callback(stop)
+    assert [f.result(timeout=60) for f in futures] == [i * i for i in range(6)]
+    ex.shutdown()
+    assert len(outcomes) == 1

@@ -488,3 +488,59 @@ def test_a_group_writable_folder_is_refused_only_if_others_are_in_the_group(tmp_
     shared.chmod(0o770)
     with pytest.raises(TempFolderError, match="writable by other users"):
         MemmapExecutor(1, temp_folder=str(shared))
+
+
+def test_two_threads_dumping_one_array_at_once_both_keep_a_file_held(monkeypatch, tmp_path):
+    """The manager and the feeder may dump the same array at the same moment; the later dump replaces the
+    earlier one. The task of the earlier one must still hold its file (it was once released between the
+    dump and the task's hold, and the next dump of that size reused the file under the task)."""
+    import threading
+
+    from mmexec._store import Holds, MemmapStore, Session
+
+    store = MemmapStore(1024, "r", str(tmp_path / "folder"))
+    a = np.arange(1_000_000, dtype=np.float64)
+    orig_new, orig_write = MemmapStore._new_dump, MemmapStore._write
+    both_writing = threading.Barrier(2)
+    first_made, second_done = threading.Event(), threading.Event()
+
+    def write(self, arr, users=1):
+        both_writing.wait(10)  # both looked the array up (no dump yet) and dump it
+        if threading.current_thread().name == "second":
+            first_made.wait(10)  # the second dump registers last, replacing the first
+        return orig_write(self, arr, users)
+
+    def new_dump(self, arr, *args, **kwargs):
+        dump = orig_new(self, arr, *args, **kwargs)
+        if threading.current_thread().name == "first":
+            first_made.set()
+            second_done.wait(10)  # the first thread pauses right after its dump was made
+        else:
+            second_done.set()
+        return dump
+
+    monkeypatch.setattr(MemmapStore, "_write", write)
+    monkeypatch.setattr(MemmapStore, "_new_dump", new_dump)
+    out = {}
+
+    def encode(name: str) -> None:
+        holds = Holds(Session())
+        out[name] = (store._dump_ref(a, holds), holds)
+
+    threads = [threading.Thread(target=encode, args=(name,), name=name) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    monkeypatch.undo()
+    first = out["first"][0].path
+    assert first in store.held_paths(), "the first task's file was let go while the task still names it"
+    b = np.full(1_000_000, 7.0)
+    other = store._dump_ref(b, Holds(Session()))
+    assert other.path != first
+    mapped = np.memmap(first, dtype=np.float64, mode="r", shape=(1_000_000,))
+    np.testing.assert_array_equal(mapped[:3], a[:3])
+    del mapped
+    for _, holds in out.values():
+        holds.release()
+    store.close()
