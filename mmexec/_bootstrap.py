@@ -110,8 +110,9 @@ class Aborts:
 
     def begin(self, ident: int) -> bool:
         """Mark call ``ident`` as running; False if it was aborted before it started (it must not run)."""
-        if self.requested:
-            self.requested = {i for i in self.requested if i >= ident}
+        if self.requested:  # forget requests for calls that ended (the handler, which may run between any two
+            old, self.requested = self.requested, set()  # steps here, adds to the new set: none is lost)
+            self.requested.update(i for i in old if i >= ident)
         self.running = ident  # (first: a signal from here on raises in the call)
         if ident in self.requested:
             self.running = 0

@@ -125,9 +125,7 @@ class Core:
         self.manager_sleeping = False
         self.manager_starving = False  # asleep with an idle worker: wake it when a call can go
         self.closed = False
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wake_r = self.wake_w = -1  # the manager's wake-up pipe, made as it starts
         EXECUTORS.add(self)
 
     # ============================================================ callers
@@ -184,6 +182,10 @@ class Core:
         """Start the manager and the feeder with the first call (under the lock), as the standard library
         starts its manager and queue feeder; a thread that cannot start (interpreter finalization) breaks the
         executor, as there."""
+        if self.wake_r < 0:
+            self.wake_r, self.wake_w = os.pipe()
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
         for name in ("manager", "feeder"):
             if getattr(self, name) is not None:
                 continue
@@ -454,10 +456,18 @@ class Core:
         EXECUTORS.discard(self)
 
     def after_fork_in_child(self) -> None:
-        """In a forked child: this executor is the parent's; it refuses work here and closes nothing."""
+        """In a forked child: this executor is the parent's; it refuses work here, touches none of its
+        workers, and lets go of the child's copies of their pipes and of its wake-up pipe."""
         self.lock = threading.Lock()
         self.feed_cond = threading.Condition(self.lock)
         self.closed = True
+        for worker in list(self.workers.values()):
+            worker.close()
+        for fd in (self.wake_r, self.wake_w):
+            with contextlib.suppress(OSError):
+                if fd >= 0:
+                    os.close(fd)
+        self.wake_r = self.wake_w = -1
 
     def finish_at_exit(self) -> None:
         """Interpreter exit: let the manager finish the work queued and running (as the standard library)."""

@@ -327,7 +327,10 @@ class MemmapExecutor(ExecutorBase):
         .. versionadded:: 0.2.0
         """
         core = self._core
-        core.abort(futures, _check_grace(grace), lambda: _apply_aborts_here(core))
+        grace = _check_grace(grace)
+        if core.pid != os.getpid():
+            return  # (a fork of the process that made it: nothing here is ours)
+        core.abort(futures, grace, lambda: _apply_aborts_here(core))
 
     def terminate_workers(self) -> None:
         """Python 3.14's ``terminate_workers``: shut down (cancelling the calls not started) and terminate
@@ -345,6 +348,8 @@ class MemmapExecutor(ExecutorBase):
         self._force(signal.SIGKILL)
 
     def _force(self, signum: int) -> None:
+        if self._core.pid != os.getpid():
+            return  # (a fork of the process that made it: its workers are the parent's)
         with self._core.lock:
             workers = list(self._core.workers.values())
         self.shutdown(wait=False, cancel_futures=True)

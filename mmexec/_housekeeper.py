@@ -14,8 +14,11 @@ thread of its own, ``mmexec-housekeeper``, does: it is started only from
 ordinary thread context (when the last manager ends, or when a timer is set
 with no host) and ends when nothing is left to do or a manager takes over.
 
-At interpreter exit, whatever is queued runs in the exiting thread, and later
-posts run at once.
+At interpreter exit, whatever is queued runs in the exiting thread. What is
+posted later (arrays freed as the interpreter tears down) is left to the
+process's end, never run inside the finalizer that posts it (it may hold any
+lock): the kernel closes the descriptors, and no name is left in a folder
+(each file's name is unlinked once it is open).
 
 The state is this module's one :class:`Housekeeper`, :data:`HOUSEKEEPER`,
 owned by the process (a forked child starts a fresh one).
@@ -70,10 +73,8 @@ class Housekeeper:
 
     # -- any context, finalizers included ----------------------------------
     def post(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn(*args)`` soon on a host. Safe in finalizers: takes no lock, starts no thread."""
-        if self.exiting:
-            _run(fn, args)
-            return
+        """Run ``fn(*args)`` soon on a host. Safe in finalizers: takes no lock, starts no thread, runs
+        nothing (after interpreter exit began too: see the module docstring)."""
         self._queue.put((fn, args))
         self._wake()
 
@@ -219,15 +220,17 @@ class Housekeeper:
 
     # -- process life ----------------------------------------------------------
     def at_exit(self) -> None:
-        """Interpreter exit: run what is queued here, and later posts at once."""
+        """Interpreter exit: run what is queued here (later posts wait for the process's end)."""
         self.exiting = True
         for fn, args in drain(self._queue):
             _run(fn, args)
 
     def after_fork_in_child(self) -> None:
-        """A forked child: the parent's work and pipe are the parent's; start empty."""
-        pipe = self._pipe
+        """A forked child: the parent's work and pipe are the parent's; start empty, but for the needs
+        registered (they are the process's, registered once, at import)."""
+        pipe, needed = self._pipe, self._needed
         self.__init__()  # type: ignore[misc]
+        self._needed = needed
         for fd in pipe or ():
             try:
                 os.close(fd)

@@ -168,6 +168,11 @@ class WarmPool:
     def take(self, key: object) -> tuple[Worker, bool] | None:
         """A live idle worker for an executor whose initializer is ``key``, and whether it must run it."""
         with self._lock:
+            dead = [w for _, w in self._idle if not w.alive()]  # (alive() collects a dead one's exit status)
+            if dead:
+                self._idle = [(t, w) for t, w in self._idle if w not in dead]
+                for worker in dead:
+                    worker.close()
             for wanted in (key, None) if key is not None else (None,):
                 for i in range(len(self._idle) - 1, -1, -1):  # the most recently used first: its pages are warm
                     worker = self._idle[i][1]

@@ -504,3 +504,13 @@ def test_shutdown_with_wait_from_a_done_callback_lets_every_call_finish(executor
     assert [f.result(timeout=60) for f in futures] == [i * i for i in range(6)]
     ex.shutdown()
     assert len(outcomes) == 1
+
+
+def test_executors_dropped_unused_hold_no_descriptor():
+    """An executor created and dropped without a call (nor shutdown) leaves no descriptor open."""
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        MemmapExecutor(2)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1

@@ -68,3 +68,59 @@ def test_a_child_forked_while_a_dump_reserves_room_can_dump(tmp_path):
     script.write_text(FORK_WHILE_RESERVING)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (fork() of a process with threads, 3.12+)
+def test_a_forked_child_touches_neither_the_workers_nor_the_pipes_of_its_parents_executor(tmp_path):
+    """In a fork child, kill_workers(), terminate_workers() and abort() of the parent's executor do nothing
+    (they once killed the parent's workers), and the child holds no copy of the executor's pipes; the
+    parent's running call finishes."""
+    from _tasks import started_then_wait, touch, wait_event
+
+    from mmexec import MemmapExecutor
+
+    started, flag = str(tmp_path / "started"), str(tmp_path / "flag")
+    with MemmapExecutor(1) as ex:
+        fut = ex.submit(started_then_wait, started, flag)
+        wait_event(started, 60)
+        [worker] = ex._core.workers.values()
+        fds = [worker.call_fd, worker.reply_fd, worker.abort_fd, ex._core.wake_r, ex._core.wake_w]
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                ex.kill_workers()
+                ex.terminate_workers()
+                ex.abort()
+                for fd in fds:
+                    try:
+                        os.fstat(fd)
+                        code |= 2  # still open here
+                    except OSError:
+                        pass
+            except BaseException:
+                code |= 4
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        touch(flag)
+        assert fut.result(timeout=60) == flag
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_forked_child_keeps_the_housekeepers_standing_needs():
+    """The housekeeper's needs (a host while files are held in caller code) are the process's, registered at
+    import: a fork child keeps them (it once dropped them, and freed results were never released there)."""
+    from mmexec._housekeeper import HOUSEKEEPER
+
+    parent = len(HOUSEKEEPER._needed)
+    assert parent >= 1
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(w, str(len(HOUSEKEEPER._needed)).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    with os.fdopen(r) as f:
+        assert int(f.read()) == parent

@@ -274,3 +274,33 @@ def test_mp_context_stays_readable_after_shutdown():
     ex.submit(abs, 1).result(timeout=60)
     ex.shutdown()
     assert ex._mp_context.get_start_method() == "fork"
+
+
+def test_a_warm_worker_that_died_while_idle_is_collected_by_the_next_lease(tmp_path):
+    """A worker killed while idle in the warm pool (not the one the next lease takes) is neither a zombie
+    nor listed once another executor leases a worker."""
+    import psutil
+    from _tasks import started_then_wait, touch, wait_event
+
+    from mmexec._pool import WARM
+
+    flag = str(tmp_path / "flag")
+    with MemmapExecutor(2) as ex:  # two workers, both given back
+        futures = [ex.submit(started_then_wait, str(tmp_path / f"started-{i}"), flag) for i in range(2)]
+        for i in range(2):
+            wait_event(str(tmp_path / f"started-{i}"), 60)
+        touch(flag)
+        pids = {f.result(timeout=60) and p for f, p in zip(futures, ex.workers())}
+    idle = WARM.idle_pids()
+    assert len(pids) == 2 and set(idle) >= pids
+    victim = idle[0]  # the oldest: the next lease takes the most recent
+    assert victim in WARM.idle_pids()
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 30
+    while psutil.Process(victim).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with MemmapExecutor(1) as ex:
+        assert ex.submit(pid).result(timeout=60) != victim
+    assert victim not in WARM.idle_pids()
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() != psutil.STATUS_ZOMBIE

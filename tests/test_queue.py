@@ -408,3 +408,32 @@ def test_aborting_one_call_of_a_submit_loop_lets_the_others_finish(tmp_path):
         ex.abort([futures[0]])
         assert isinstance(futures[0].exception(), AbortedError)
         assert [f.result(timeout=60) for f in futures[1:]] == list(range(1, 40))
+
+
+def test_an_abort_request_arriving_as_a_call_starts_is_neither_lost_nor_fatal():
+    """The abort signal may land while the worker forgets old requests as a call starts: the request for the
+    starting call is kept (the call never runs) and nothing else breaks (it once raised 'Set changed size
+    during iteration' there, which ended the worker)."""
+    from mmexec._bootstrap import CALL_ID, Aborts
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    aborts = Aborts()
+    aborts.fd = r
+
+    class Stale(int):  # an old request; comparing it lets the signal handler run mid-step, as a signal would
+        def __ge__(self, other: object) -> bool:
+            os.write(w, CALL_ID.pack(7))
+            aborts.on_signal(signal.SIGUSR1, None)
+            return int(self) >= other  # type: ignore[operator]
+
+        __hash__ = int.__hash__
+
+    try:
+        aborts.requested.add(Stale(3))
+        assert aborts.begin(7) is False  # call 7 was aborted as it started: it must not run
+        assert aborts.running == 0
+        assert aborts.begin(8) is True
+    finally:
+        os.close(r)
+        os.close(w)

@@ -544,3 +544,35 @@ def test_two_threads_dumping_one_array_at_once_both_keep_a_file_held(monkeypatch
     for _, holds in out.values():
         holds.release()
     store.close()
+
+
+def test_a_result_freed_during_interpreter_exit_under_a_spares_lock_does_not_deadlock(monkeypatch):
+    """Once the interpreter exits, a finalizer may run where the thread holds the spares' lock: the release
+    it posts must not run there (it once took that lock again, inline)."""
+    import threading
+
+    from mmexec._housekeeper import HOUSEKEEPER
+    from mmexec._spares import SPARES
+
+    with MemmapExecutor(1) as ex:
+        r = ex.submit(np.ones, 1_000_000).result(timeout=60)
+    assert isinstance(r, np.memmap) or r.base is not None
+
+    class Cycle:
+        pass
+
+    c = Cycle()
+    c.me, c.r = c, r
+    del r, c  # freed only by the cycle collector
+    monkeypatch.setattr(HOUSEKEEPER, "exiting", True)
+
+    def collect_under_the_lock() -> None:
+        with SPARES._lock:
+            gc.collect()
+
+    t = threading.Thread(target=collect_under_the_lock, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "a finalizer deadlocked on the spares' lock"
+    monkeypatch.undo()
+    HOUSEKEEPER.run_pending()
