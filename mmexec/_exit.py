@@ -2,10 +2,7 @@
 
 Imported by the package itself (``import mmexec``), which imports nothing
 else eagerly: the hook is registered (``_compat.register_exit_hook``, the
-standard library's own mechanism) as soon as mmexec is imported; a process
-that starts workers registers it with ``multiprocessing`` too
-(:func:`started_a_child`), for when it is itself a ``multiprocessing``
-child, which joins its children before ``threading``'s hooks run. It runs
+standard library's own mechanism) as soon as mmexec is imported. It runs
 before every ``atexit`` handler, so a ``submit`` from any ``atexit`` handler
 is refused with the standard library's message, and before threads are
 joined: it first marks the interpreter as exiting, then runs what the
@@ -21,9 +18,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._compat import register_child_exit_hook, register_exit_hook
+from ._compat import register_exit_hook
 
-__all__ = ["EXECUTORS", "at_exit", "interpreter_exiting", "started_a_child"]
+__all__ = ["EXECUTORS", "at_exit", "interpreter_exiting"]
 
 
 class _Exit:
@@ -32,21 +29,11 @@ class _Exit:
     def __init__(self) -> None:
         self.exiting = False
         self.hooks: list[Callable[[], object]] = []
-        self.child_hook_pid = 0  # the process whose multiprocessing exit runs :meth:`run` too
 
     def run(self) -> None:
-        if self.exiting:  # (once: a process may reach both hooks)
-            return
         self.exiting = True
         for hook in list(self.hooks):
             hook()
-
-    def started_a_child(self) -> None:
-        # A multiprocessing child process joins its children before threading's exit hooks run: ours must
-        # stop our workers first, else it waits for them while they wait for it.
-        if self.child_hook_pid != os.getpid():
-            self.child_hook_pid = os.getpid()
-            register_child_exit_hook(self.run)
 
 
 _EXIT = _Exit()
@@ -82,12 +69,6 @@ os.register_at_fork(after_in_child=EXECUTORS.after_fork_in_child)
 def interpreter_exiting() -> bool:
     """True once the interpreter started to exit (no new work is accepted then)."""
     return _EXIT.exiting
-
-
-def started_a_child() -> None:
-    """Called as this process starts a worker: from now on its exit stops them first, even where it is a
-    ``multiprocessing`` child itself (a task of another pool that used an executor)."""
-    _EXIT.started_a_child()
 
 
 def at_exit(hook: Callable[[], object]) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import loky
 
 from ._bootstrap import ABORT_SIGNAL, CALL_ID, serve
-from ._exit import started_a_child
+from ._compat import register_child_exit_hook
 from ._housekeeper import HOUSEKEEPER
 from ._wire import CONFIG, INIT, STOP, Reader, send
 
@@ -137,7 +137,7 @@ def reap(process: Any) -> None:
 
 def start_worker(context: Any, init: tuple[Callable[..., object], tuple[Any, ...]] | None, key: object) -> Worker:
     """Start a worker process with ``context``; ``init`` runs in it first (arguments passed at its start)."""
-    started_a_child()
+    WARM.watch_exit()
     calls_r, calls_w = context.Pipe(duplex=False)
     replies_r, replies_w = context.Pipe(duplex=False)
     aborts_r, aborts_w = context.Pipe(duplex=False)
@@ -164,6 +164,7 @@ class WarmPool:
         self._idle: list[tuple[float, Worker]] = []  # (when it was given back, worker), oldest first
         self._timer_set = False
         self._closed = False
+        self._exit_hook_pid = 0  # the process whose multiprocessing exit stops the idle workers
 
     def take(self, key: object) -> tuple[Worker, bool] | None:
         """A live idle worker for an executor whose initializer is ``key``, and whether it must run it."""
@@ -202,6 +203,14 @@ class WarmPool:
             old.stop()
         if schedule:
             HOUSEKEEPER.call_later(self.idle_timeout, self._expire)
+
+    def watch_exit(self) -> None:
+        """Called as this process starts a worker. A ``multiprocessing`` child process (a task of another
+        pool that used an executor) joins its children as it ends, before ``threading``'s exit hooks run:
+        the idle workers must stop first, or it waits for them while they wait for it."""
+        if self._exit_hook_pid != os.getpid():
+            self._exit_hook_pid = os.getpid()
+            register_child_exit_hook(self.stop_all)
 
     def idle_pids(self) -> list[int]:
         with self._lock:
