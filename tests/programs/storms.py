@@ -107,8 +107,18 @@ def our_files() -> list[str]:
     return [name for folder in our_folders() for name in os.listdir(folder)]
 
 
+def _aborted_or_done(future: Any, value: int) -> bool:
+    """An aborted call's future: cancelled, failed with AbortedError, or (it ended first) its value."""
+    from mmexec import AbortedError
+
+    if future.cancelled():
+        return True
+    exc = future.exception()
+    return isinstance(exc, AbortedError) if exc is not None else future.result() == value
+
+
 def abort_storm(calls: int, seed: int, log: str) -> dict[str, int]:
-    from mmexec import AbortedError, MemmapExecutor
+    from mmexec import MemmapExecutor
 
     rng = random.Random(seed)
     aborted: set[int] = set()
@@ -149,11 +159,7 @@ def abort_storm(calls: int, seed: int, log: str) -> dict[str, int]:
         "abort_double_runs": sum(1 for n in counts.values() if n > 1),
         "abort_innocent_never_ran": sum(1 for i in range(calls) if i not in aborted and i not in counts),
         "abort_cancelled_but_ran": sum(1 for i in aborted if futures[i].cancelled() and i in counts),
-        "abort_neither_aborted_nor_done": sum(
-            1 for i in aborted
-            if not (futures[i].cancelled() or isinstance(futures[i].exception(), AbortedError)
-                    or futures[i].result() == i * i)
-        ),
+        "abort_neither_aborted_nor_done": sum(1 for i in aborted if not _aborted_or_done(futures[i], i * i)),
         "abort_not_done_after_abort": not_done_after_abort,
         "abort_calls_total": calls,
         "abort_aborts_total": len(aborted),
