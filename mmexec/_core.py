@@ -449,10 +449,11 @@ class Core:
             return
         self.closed = True
         self.store.close()
-        for fd in (self.wake_r, self.wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.wake_r = self.wake_w = -1
+        fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1  # (first: no wake() writes there)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         EXECUTORS.discard(self)
 
     def after_fork_in_child(self) -> None:

@@ -224,6 +224,7 @@ class Manager:
         )
         item.ident = next(CALL_IDS)
         item.worker, worker.item = worker, item
+        worker.served = True
         core.running[item.ident] = item
         payload, item.payload = item.payload, None
         try:
@@ -332,6 +333,8 @@ class Manager:
                 core.release(item)
                 core.forget(item)
             return
+        if item is None and not worker.served:  # a warm worker that died idle before its first call here (it
+            return  # was leased as it died): nothing of this executor's was in it; another is leased
         core.break_(TerminatedWorkerError(
             "A worker process managed by the executor was unexpectedly terminated. This could be caused by a "
             "segmentation fault while calling the function or by an excessive memory usage causing the Operating "

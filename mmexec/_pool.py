@@ -58,7 +58,7 @@ class Worker:
     """One worker process as the caller sees it: its pipes, and what it runs now (the manager's business)."""
 
     __slots__ = ("_aborts", "_calls", "_replies", "abort_fd", "call_fd", "failure", "item", "key", "killed", "pid",
-                 "process", "reader", "reply_fd", "retiring")
+                 "process", "reader", "reply_fd", "retiring", "served")
 
     def __init__(self, process: Any, calls: Any, replies: Any, aborts: Any, key: object) -> None:
         self.process = process
@@ -75,6 +75,7 @@ class Worker:
         self.killed = False  # an abort killed it: its death breaks nothing
         self.retiring = False  # it said it exits after its reply, or was told to stop
         self.failure: str | None = None  # its initializer failed (what it raised): it exits
+        self.served = False  # it was sent a call under its current lease
 
     @property
     def sentinel(self) -> int:
@@ -142,15 +143,18 @@ def start_worker(context: Any, init: tuple[Callable[..., object], tuple[Any, ...
     replies_r, replies_w = context.Pipe(duplex=False)
     aborts_r, aborts_w = context.Pipe(duplex=False)
     process = context.Process(target=serve, args=(calls_r, replies_w, aborts_r, os.getpid(), init))
-    try:
-        process.start()
-    except BaseException:
-        for conn in (calls_w, replies_r, aborts_w):
-            conn.close()
-        raise
-    finally:
-        for conn in (calls_r, replies_w, aborts_r):
-            conn.close()
+    # One start at a time: a start makes the child's ends inheritable until they are closed here, and a worker
+    # started meanwhile would keep copies of them (a dead worker's pipe would still have a reader).
+    with WARM.start_lock:
+        try:
+            process.start()
+        except BaseException:
+            for conn in (calls_w, replies_r, aborts_w):
+                conn.close()
+            raise
+        finally:
+            for conn in (calls_r, replies_w, aborts_r):
+                conn.close()
     return Worker(process, calls_w, replies_r, aborts_w, key)
 
 
@@ -165,6 +169,7 @@ class WarmPool:
         self._timer_set = False
         self._closed = False
         self._exit_hook_pid = 0  # the process whose multiprocessing exit stops the idle workers
+        self.start_lock = threading.Lock()  # workers start one at a time (see start_worker)
 
     def take(self, key: object) -> tuple[Worker, bool] | None:
         """A live idle worker for an executor whose initializer is ``key``, and whether it must run it."""
@@ -244,6 +249,7 @@ class WarmPool:
     def after_fork_in_child(self) -> None:
         """A forked child: the idle workers are the parent's; let go of our copies of their pipes."""
         self._lock = threading.Lock()
+        self.start_lock = threading.Lock()
         idle, self._idle = self._idle, []
         self._timer_set = False
         for _, worker in idle:
@@ -276,17 +282,28 @@ class Source:
             worker = start_worker(self.context, self.init, _OWN)
             worker.send(CONFIG, meta=config)
             return worker
-        got = WARM.take(self.init_blob)
-        if got is None:
-            worker, needs_init = start_worker(self.context, None, self.init_blob), self.init_blob is not None
-        else:
+        while True:
+            got = WARM.take(self.init_blob)
+            if got is None:
+                worker, needs_init = start_worker(self.context, None, self.init_blob), self.init_blob is not None
+                self._configure(worker, config, needs_init)
+                return worker
             worker, needs_init = got
+            try:
+                self._configure(worker, config, needs_init)
+            except OSError:  # it died since take() saw it alive: another one
+                worker.close()
+                HOUSEKEEPER.call_later(0.0, reap, worker.process)
+                continue
+            return worker
+
+    def _configure(self, worker: Worker, config: bytes, needs_init: bool) -> None:
+        worker.served = False
         worker.send(CONFIG, meta=config)
         if needs_init:
             assert self.init_blob is not None
             worker.key = self.init_blob
             worker.send(INIT, body=self.init_blob)
-        return worker
 
     def give_back(self, worker: Worker) -> None:
         """The executor is done with ``worker``: to the warm pool, or stopped."""

@@ -316,3 +316,28 @@ def test_multiprocessing_finalizers_run_mid_program_leave_executors_usable():
     multiprocessing.util._run_finalizers(0)
     with MemmapExecutor(1) as ex:
         assert ex.submit(abs, -2).result(timeout=60) == 2
+
+
+def test_a_warm_worker_that_dies_as_it_is_leased_is_replaced(monkeypatch):
+    """A warm worker that dies between the pool's liveness check and its first message: the lease takes
+    another (it once raised BrokenPipeError from submit, or broke the new executor)."""
+    from mmexec._pool import WARM
+
+    with MemmapExecutor(1) as ex:
+        victim = ex.submit(pid).result(timeout=60)
+    assert victim in WARM.idle_pids()
+    take = WARM.take
+
+    def take_then_die(key: object) -> object:
+        got = take(key)
+        if got is not None and got[0].pid == victim:
+            os.kill(victim, 9)
+            deadline = time.monotonic() + 30
+            while got[0].alive():  # (until its exit status is collected: all of it is gone)
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        return got
+
+    monkeypatch.setattr(WARM, "take", take_then_die)
+    with MemmapExecutor(1) as ex:
+        assert ex.submit(pid).result(timeout=60) != victim
