@@ -110,6 +110,7 @@ class Aborts:
 
     def begin(self, ident: int) -> bool:
         """Mark call ``ident`` as running; False if it was aborted before it started (it must not run)."""
+        self.drain()  # (a request may come without the signal: to a worker that had not replied yet)
         if self.requested:  # forget requests for calls that ended (the handler, which may run between any two
             old, self.requested = self.requested, set()  # steps here, adds to the new set: none is lost)
             self.requested.update(i for i in old if i >= ident)

@@ -235,6 +235,7 @@ class Manager:
     # ------------------------------------------------------------ replies
     def on_reply(self, worker: Worker, message: Message) -> None:
         core = self.core
+        worker.ready = True
         if message.kind == INIT_DONE:
             if message.flags & REPLY_RETIRE:  # the worker exits now; its end breaks the executor (on_death)
                 worker.retiring = True

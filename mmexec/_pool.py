@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import os
 import signal
 import threading
@@ -58,7 +59,7 @@ class Worker:
     """One worker process as the caller sees it: its pipes, and what it runs now (the manager's business)."""
 
     __slots__ = ("_aborts", "_calls", "_replies", "abort_fd", "call_fd", "failure", "item", "key", "killed", "pid",
-                 "process", "reader", "reply_fd", "retiring", "served")
+                 "process", "reader", "ready", "reply_fd", "retiring", "served")
 
     def __init__(self, process: Any, calls: Any, replies: Any, aborts: Any, key: object) -> None:
         self.process = process
@@ -76,6 +77,7 @@ class Worker:
         self.retiring = False  # it said it exits after its reply, or was told to stop
         self.failure: str | None = None  # its initializer failed (what it raised): it exits
         self.served = False  # it was sent a call under its current lease
+        self.ready = False  # it replied once: its abort-signal handler is in place
 
     @property
     def sentinel(self) -> int:
@@ -98,7 +100,8 @@ class Worker:
         """Interrupt call ``ident`` if it still runs in this worker (``_bootstrap.Aborts``)."""
         with contextlib.suppress(OSError):  # (a dead worker, or a full pipe: then the grace period decides)
             os.write(self.abort_fd, CALL_ID.pack(ident))
-        self.signal(ABORT_SIGNAL)
+        if self.ready:  # (one still starting would die of the signal: it reads the request as the call starts)
+            self.signal(ABORT_SIGNAL)
 
     def kill(self) -> None:
         self.killed = True
@@ -215,7 +218,13 @@ class WarmPool:
         the idle workers must stop first, or it waits for them while they wait for it."""
         if self._exit_hook_pid != os.getpid():
             self._exit_hook_pid = os.getpid()
-            register_child_exit_hook(self.stop_all)
+            register_child_exit_hook(self._at_process_end)
+
+    def _at_process_end(self) -> None:
+        # In a multiprocessing child, it ends: workers given back later (an executor not waited for) stop too.
+        # Elsewhere (a test harness running multiprocessing's finalizers mid-run) only the idle ones stop.
+        self._exit_hook_pid = 0  # (a finalizer runs once: registered again at the next start)
+        self.stop_all(closing=multiprocessing.parent_process() is not None)
 
     def idle_pids(self) -> list[int]:
         with self._lock:

@@ -212,3 +212,15 @@ def started_then_wait(started: str, flag: str, timeout: float = 60.0) -> str:
     """Say it started (``started`` is created), then wait for ``flag``; return ``flag``."""
     touch(started)
     return wait_event(flag, timeout)
+
+
+def leave_an_executor_running(mode: str, out: Any) -> None:
+    """A multiprocessing child's target: start a call, then shut down without waiting (or drop the executor)
+    while it runs, and return."""
+    from mmexec import MemmapExecutor
+
+    ex = MemmapExecutor(1)
+    ex.submit(time.sleep, 0.5)
+    if mode == "nowait":
+        ex.shutdown(wait=False)
+    out.put(mode)

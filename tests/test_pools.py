@@ -17,7 +17,15 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from _tasks import describe, pid, raise_value_error, run_script, square, use_an_executor_and_return
+from _tasks import (
+    describe,
+    leave_an_executor_running,
+    pid,
+    raise_value_error,
+    run_script,
+    square,
+    use_an_executor_and_return,
+)
 
 from mmexec import MemmapExecutor
 
@@ -341,3 +349,21 @@ def test_a_warm_worker_that_dies_as_it_is_leased_is_replaced(monkeypatch):
     monkeypatch.setattr(WARM, "take", take_then_die)
     with MemmapExecutor(1) as ex:
         assert ex.submit(pid).result(timeout=60) != victim
+
+
+@pytest.mark.parametrize("mode", ["nowait", "dropped"])
+def test_a_multiprocessing_child_that_left_a_call_running_exits_once_it_ends(mode):
+    """A multiprocessing child that shut its executor down without waiting (or dropped it) while a call ran:
+    the worker, given back after the child's exit hooks ran, stops too; the child exits."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.SimpleQueue()
+    child = ctx.Process(target=leave_an_executor_running, args=(mode, out))
+    child.start()
+    try:
+        assert out.get() == mode
+        child.join(60)
+        assert child.exitcode == 0, "the child never exited"
+    finally:
+        if child.exitcode is None:
+            child.kill()
+            child.join(10)

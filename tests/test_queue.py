@@ -437,3 +437,17 @@ def test_an_abort_request_arriving_as_a_call_starts_is_neither_lost_nor_fatal():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_abort_right_after_the_first_submit_leaves_the_starting_worker_alive():
+    """abort() of a call sent to a worker still starting (its signal handler not yet installed): the call
+    never runs, the worker is not killed by the signal, and the executor goes on (it once broke with
+    SIGUSR1(-10))."""
+    from mmexec._pool import WARM
+
+    WARM.stop_all(wait=10.0)  # the next executor starts a fresh worker
+    with MemmapExecutor(1) as ex:
+        f = ex.submit(time.sleep, 5)
+        ex.abort([f], grace=30)
+        assert f.cancelled() or isinstance(f.exception(), AbortedError)
+        assert ex.submit(abs, -3).result(timeout=60) == 3
