@@ -309,9 +309,9 @@ class DaskExecutor(ExecutorBase):
         self._cond = threading.Condition()
         self._queue: deque[tuple[Future[Any], Task, Session | None, bool]] = deque()
         self._running: dict[Future[Any], Future[Any]] = {}  # ours -> dask's, while it runs
-        # tasks on the cluster at most: as many as run, and as many again queued there (each call's round trip
-        # to the scheduler overlaps another's run), plus one; the rest stay here, cancellable
-        self._window = 2 * self._max_workers + 1
+        # tasks on the cluster at most: as many as run, plus one queued there (as the standard library's call
+        # queue: its round trip to the scheduler overlaps the others' runs); the rest stay here, cancellable
+        self._window = self._max_workers + 1
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._cancel = False  # shutdown(cancel_futures=True): what was not sent is cancelled

@@ -279,13 +279,16 @@ def test_map_keeps_order_and_honours_timeout_and_chunksize(ex: DaskExecutor) -> 
 
 
 def test_shutdown_cancels_and_refuses_new_tasks(client: Any) -> None:
-    """shutdown(cancel_futures=True) cancels what has not finished; submit afterwards raises RuntimeError."""
+    """shutdown(cancel_futures=True) cancels what was not sent to the cluster (as the standard library, at most
+    one call beyond those running is sent ahead); submit afterwards raises RuntimeError."""
     e = DaskExecutor(client)
     running = [e.submit(sleep_then, 0.3) for _ in range(2)]
     queued = [e.submit(sleep_then, 0.3) for _ in range(4)]
     e.shutdown(wait=True, cancel_futures=True)
     assert all(f.done() for f in running + queued)
-    assert all(f.cancelled() for f in queued)
+    cancelled = [f for f in queued if f.cancelled()]
+    assert len(cancelled) >= len(queued) - 1
+    assert all(f.result() == 0.3 for f in running + queued if not f.cancelled())
     with pytest.raises(RuntimeError, match="after shutdown"):
         e.submit(pid)
     e.shutdown()  # idempotent
