@@ -82,13 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = _program_name()
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mmexec {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="demo")
+    sub = parser.add_subparsers(dest="command", metavar="demo")
     run = sub.add_parser("demo", help="compare ProcessPoolExecutor and MemmapExecutor on a large array",
                          description=DESCRIPTION)
     run.add_argument("--size-mb", type=int, default=100, help="array size in MiB (default 100)")
     run.add_argument("--tasks", type=int, default=16, help="number of tasks (default 16)")
     run.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named, with the usage of the command they were given to
+        (run if args.command == "demo" else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error("the following arguments are required: demo")
     for option, value in (("--size-mb", args.size_mb), ("--tasks", args.tasks), ("--workers", args.workers)):
         if value < 1:
             print(f"{prog} demo: error: {option} must be at least 1, got {value}", file=sys.stderr)

@@ -43,3 +43,16 @@ def test_values_that_mean_no_work_are_one_line_errors(option, value):
     assert out.returncode == 2 and out.stdout == ""
     expected = f"python -m mmexec demo: error: {option} must be at least 1, got {value}"
     assert out.stderr.strip().splitlines() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [(["--bogus"], "usage: python -m mmexec [-h]"), (["demo", "--bogus"], "usage: python -m mmexec demo [-h]"),
+     (["--bogus", "demo"], "usage: python -m mmexec demo [-h]")],
+)
+def test_an_unknown_flag_is_named_with_the_usage_of_its_command(argv, usage):
+    """Each CLI error names the bad flag, with the usage of the (sub)command it was given to."""
+    proc = subprocess.run([sys.executable, "-m", "mmexec", *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --bogus" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(usage), proc.stderr
