@@ -142,8 +142,10 @@ def test_shutdown_racing_a_submit_waits_and_returns_right_data():
         assert other.submit(total, b).result(timeout=60) == 7.0 * b.size
 
 
-def test_a_burst_of_submits_compares_the_array_once_or_twice(mx, monkeypatch):
-    """64 submits of one large array compare its bytes with the dump at most twice, not 64 times."""
+def test_a_burst_of_submits_compares_the_array_once_per_burst(mx, monkeypatch):
+    """64 submits of one large array compare its bytes with the dump once per burst of calls queued together,
+    not 64 times. How many bursts the loop makes depends on when the manager takes the queue (one or two on
+    a quiet machine, three seen under load): at most 8."""
     compares = []
     real = store_module.same_bytes
     monkeypatch.setattr(store_module, "same_bytes", lambda a, flat: compares.append(1) or real(a, flat))
@@ -152,7 +154,7 @@ def test_a_burst_of_submits_compares_the_array_once_or_twice(mx, monkeypatch):
     compares.clear()
     futures = [mx.submit(total, a, i) for i in range(64)]
     assert [f.result(timeout=60) for f in futures] == [float(a.sum())] * 64
-    assert 1 <= len(compares) <= 2
+    assert 1 <= len(compares) <= 8
 
 
 def test_a_task_submitted_after_a_change_never_sees_the_old_contents(mx):
