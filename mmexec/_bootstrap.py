@@ -89,13 +89,22 @@ class Aborts:
         self.fd = -1  # the abort pipe's read end (non-blocking)
         self.requested: set[int] = set()  # ids of calls the caller aborted
         self.running = 0  # the id of the call that runs now (0: none)
+        self.handling = False  # the handler runs (a signal storm would nest it)
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler: raise :class:`TaskAborted` in the running call if the caller aborted it."""
-        self.drain()
-        ident = self.running
-        if ident and ident in self.requested:
-            self.running = 0
+        if self.handling:  # (a signal storm nests handlers: the outer one drains; the call start drains too)
+            return
+        self.handling = True
+        try:
+            self.drain()
+            ident = self.running
+            hit = bool(ident) and ident in self.requested
+            if hit:
+                self.running = 0
+        finally:
+            self.handling = False
+        if hit:
             raise TaskAborted("the caller aborted this task")
 
     def drain(self) -> None:
