@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _tasks import add, pid, run_script, settle, square, total, touch
+from _tasks import add, pid, run_script, settle, square, total, touch, wait_event
 from conftest import our_folders
 
 from mmexec import AbortedError, MemmapExecutor, Parallel, ResultError, delayed
@@ -33,19 +33,10 @@ def center(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x[0])
 
 
-def wait_for(path: str, timeout: float = 60.0) -> None:
-    """Block until ``path`` exists (a cross-process flag)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.005)
-
-
 def wait_then(started: str, flag: str, value: Any) -> Any:
     """Say it started, then wait for ``flag`` (Python code: an abort interrupts it)."""
     touch(started)
-    wait_for(flag)
+    wait_event(flag, 60)
     return value
 
 
@@ -65,7 +56,7 @@ def stuck_in_c_until(started: str, flag: str) -> str:
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
     try:
         touch(started)
-        wait_for(flag)
+        wait_event(flag, 60)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
     return "stuck call done"
@@ -233,7 +224,7 @@ def test_aborting_a_queued_call_behind_a_call_stuck_in_c_touches_nothing_else(tm
     with MemmapExecutor(1) as ex:
         try:
             stuck = ex.submit(stuck_in_c_until, started, flag)
-            wait_for(started)
+            wait_event(started, 60)
             queued = [ex.submit(square, i) for i in range(25)]
             victim = queued[12]
             ex.abort([victim], grace=0)
@@ -259,7 +250,7 @@ def test_an_aborted_queued_call_is_done_when_abort_returns_and_never_runs(tmp_pa
     with MemmapExecutor(1) as ex:
         try:
             blocker = ex.submit(wait_then, started, flag, "blocker")
-            wait_for(started)
+            wait_event(started, 60)
             futures = [ex.submit(mark, i, str(marks)) for i in range(40)]
             f = futures[20]
             ex.abort([f])
@@ -441,7 +432,7 @@ def test_abort_checks_its_grace_and_the_executor_stays_usable(tmp_path):
         assert ex.submit(square, 4).result(timeout=60) == 16
         started, flag = str(tmp_path / "started"), str(tmp_path / "flag")
         fut = ex.submit(wait_then, started, flag, "late")
-        wait_for(started)
+        wait_event(started, 60)
         ex.abort([fut], grace=1.0)
         assert isinstance(fut.exception(timeout=0), AbortedError)
         assert ex.submit(square, 5).result(timeout=60) == 25
@@ -490,7 +481,7 @@ def test_abort_with_no_grace_in_one_executor_leaves_two_others_alone(tmp_path):
             running.append(ex.submit(wait_then, started, flag, f"running {k}"))
             queued.append([ex.submit(add, k, i) for i in range(10)])
         for k in range(3):
-            wait_for(str(tmp_path / f"started-{k}"))
+            wait_event(str(tmp_path / f"started-{k}"), 60)
         executors[0].abort(grace=0)
         assert _aborted(running[0]) and all(f.done() for f in queued[0])
         touch(flag)

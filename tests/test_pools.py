@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import pytest
@@ -260,22 +261,29 @@ def test_shutdown_of_an_executor_broken_by_its_initializer_always_returns():
         assert done.is_set(), "shutdown(wait=True) of a broken executor never returned"
 
 
-@pytest.mark.parametrize("method", ["spawn", "fork"])
-def test_a_multiprocessing_child_that_used_an_executor_exits(method):
-    """A multiprocessing child joins its children before threading's exit hooks run: mmexec's warm workers
-    must stop first, or the child waits for them (it hung until their 300 s idle timeout)."""
+def _run_child_until_it_exits(method: str, target: Any, arg: Any) -> Any:
+    """Run ``target(arg, out)`` in a multiprocessing child of ``method``; what it put on ``out`` once the child
+    exited (it must, within 60 s; else it is killed and the test fails)."""
     ctx = multiprocessing.get_context(method)
     out = ctx.SimpleQueue()
-    child = ctx.Process(target=use_an_executor_and_return, args=(out,))
+    child = ctx.Process(target=target, args=(arg, out) if arg is not None else (out,))
     child.start()
     try:
-        assert out.get() == 3
+        reported = out.get()
         child.join(60)
         assert child.exitcode == 0, "the child never exited"
+        return reported
     finally:
         if child.exitcode is None:
             child.kill()
             child.join(10)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_multiprocessing_child_that_used_an_executor_exits(method):
+    """A multiprocessing child joins its children before threading's exit hooks run: mmexec's warm workers
+    must stop first, or the child waits for them (it hung until their 300 s idle timeout)."""
+    assert _run_child_until_it_exits(method, use_an_executor_and_return, None) == 3
 
 
 def test_mp_context_stays_readable_after_shutdown():
@@ -355,15 +363,4 @@ def test_a_warm_worker_that_dies_as_it_is_leased_is_replaced(monkeypatch):
 def test_a_multiprocessing_child_that_left_a_call_running_exits_once_it_ends(mode):
     """A multiprocessing child that shut its executor down without waiting (or dropped it) while a call ran:
     the worker, given back after the child's exit hooks ran, stops too; the child exits."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.SimpleQueue()
-    child = ctx.Process(target=leave_an_executor_running, args=(mode, out))
-    child.start()
-    try:
-        assert out.get() == mode
-        child.join(60)
-        assert child.exitcode == 0, "the child never exited"
-    finally:
-        if child.exitcode is None:
-            child.kill()
-            child.join(10)
+    assert _run_child_until_it_exits("spawn", leave_an_executor_running, mode) == mode
