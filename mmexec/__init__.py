@@ -29,6 +29,7 @@ from ._errors import (
 if _TYPE_CHECKING:
     from ._dask import DaskExecutor
     from ._executor import MemmapExecutor
+    from ._joblib import register_joblib
     from ._memmap import dump, has_shareable_memory, load
     from ._parallel import (
         Parallel,
@@ -56,6 +57,7 @@ _LAZY = {
     "parallel_backend": "._parallel",
     "parallel_config": "._parallel",
     "register_parallel_backend": "._parallel",
+    "register_joblib": "._joblib",
 }
 
 __version__ = "0.2.0.dev0"
@@ -82,6 +84,7 @@ __all__ = [
     "load",
     "parallel_backend",
     "parallel_config",
+    "register_joblib",
     "register_parallel_backend",
 ]
 

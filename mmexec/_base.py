@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 from ._errors import MmexecError
 from ._records import Batch, Call, Chunk, Outcomes, Task
 from ._store import Session
+from ._worker import run_chunk
 
 __all__ = ["ExecutorBase", "batch_pickling_error"]
 
@@ -128,14 +129,14 @@ class ExecutorBase(Executor):
             return self._map_buffered(fn, iterables, end, chunksize or 1, buffersize)
         arglists = list(zip(*iterables, strict=False))  # stops at the shortest, as the stdlib
         size = chunksize if chunksize is not None else self._default_chunksize(len(arglists))
-        scope = Session()
+        put = self._map_put(Session())
         futures: list[Future[Any]] = []
         try:
             if size == 1:
-                futures += [self._put(Call(fn, args), scope) for args in arglists]
+                futures += [put(Call(fn, args)) for args in arglists]
             else:
                 for i in range(0, len(arglists), size):
-                    futures.append(self._put(Chunk(fn, arglists[i : i + size]), scope))
+                    futures.append(put(Chunk(fn, arglists[i : i + size])))
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -152,15 +153,16 @@ class ExecutorBase(Executor):
         if buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         calls = zip(*iterables, strict=False)
+        # No shared scope: the caller may change its arrays while it takes results, so each burst
+        # compares them again (as separate submits would).
+        put = self._map_put(None)
 
         def submit_next() -> Future[Any] | None:
-            # No shared scope: the caller may change its arrays while it takes results, so each burst
-            # compares them again (as separate submits would).
             if size == 1:
                 args = next(calls, None)
-                return None if args is None else self._put(Call(fn, args), None)
+                return None if args is None else put(Call(fn, args))
             chunk = list(itertools.islice(calls, size))
-            return self._put(Chunk(fn, chunk), None) if chunk else None
+            return put(Chunk(fn, chunk)) if chunk else None
 
         futures: list[Future[Any]] = []
         try:
@@ -171,6 +173,20 @@ class ExecutorBase(Executor):
                 fut.cancel()
             raise
         return _iter_results(futures, end, chunked=size != 1, refill=submit_next)
+
+    def _map_put(self, scope: Session | None) -> Callable[[Call | Chunk], Future[Any]]:
+        """How ``map`` queues its tasks: straight to :meth:`_put`, or, when ``submit`` is overridden (by a
+        subclass, or on the instance as tqdm's ``process_map`` does to count finished tasks), through
+        ``self.submit``, once per task, as the standard library's ``map`` does."""
+        if type(self).submit is ExecutorBase.submit and "submit" not in self.__dict__:
+            return lambda task: self._put(task, scope)
+
+        def through_submit(task: Call | Chunk) -> Future[Any]:
+            if isinstance(task, Call):
+                return self.submit(task.fn, *task.args)
+            return self.submit(run_chunk, task.fn, task.arglists)
+
+        return through_submit
 
     def _default_chunksize(self, n: int) -> int:
         return max(1, math.ceil(n / (self._max_workers * _CHUNKS_PER_WORKER)))

@@ -17,7 +17,7 @@ ORDER = [
     "_bootstrap", "_worker",  # the worker process
     "_pool",  # worker processes and the warm pool
     "_base", "_core", "_manager", "_executor",  # the executor: caller side, feeder, manager, public class
-    "_parallel", "_dask", "_procmem",  # above it
+    "_parallel", "_joblib", "_dask", "_procmem",  # above it
 ]
 
 CHECK = """
