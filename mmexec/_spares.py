@@ -11,6 +11,12 @@ whatever was not reused in time. A spare is an unlinked file held only by its
 descriptor: nothing is visible in any folder, and the kernel frees it if the
 process dies.
 
+A freed dump whose array is still alive (its executor was shut down: a
+fresh ``Parallel`` call, or executor, after another) keeps what it holds
+(``Spare.content``): the next executor given that same array adopts the file
+instead of dumping the array again, once the bytes compare equal
+(:meth:`SparePool.adopt`).
+
 Spares are not mapped ahead of use: on this kind of VM, faulting pages in
 (even with ``madvise(MADV_POPULATE_WRITE)`` off the GIL) cost more than it
 saved, and ``mmap(MAP_POPULATE)`` from Python holds the GIL for the whole
@@ -22,7 +28,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ._housekeeper import HOUSEKEEPER
 
@@ -45,6 +53,7 @@ class Spare:
     capacity: int
     where: str  # the temp folder it was made in: reused only for dumps bound there
     released: float
+    content: Any = None  # what it holds, for :meth:`SparePool.adopt` (the store's record of a live array's dump)
 
 
 class SparePool:
@@ -59,8 +68,9 @@ class SparePool:
         self._timer_set = False
         self._closed = False
 
-    def put(self, fd: int, path: str, capacity: int, where: str) -> bool:
-        """Keep a freed dump; False (and the caller closes it) when over the limits."""
+    def put(self, fd: int, path: str, capacity: int, where: str, content: Any = None) -> bool:
+        """Keep a freed dump (``content``: what it holds, if it may be adopted as it is); False (and the caller
+        closes it) when over the limits."""
         with self._lock:
             if (
                 self._closed
@@ -68,7 +78,7 @@ class SparePool:
                 or capacity + sum(s.capacity for s in self._items) > self.limit
             ):
                 return False
-            self._items.append(Spare(fd, path, capacity, where, time.monotonic()))
+            self._items.append(Spare(fd, path, capacity, where, time.monotonic(), content))
             schedule, self._timer_set = not self._timer_set, True
         if schedule:
             HOUSEKEEPER.call_later(self.ttl, self._expire)
@@ -82,7 +92,17 @@ class SparePool:
                 return None
             best = min(fits, key=lambda s: s.capacity)
             self._items.remove(best)
-            return best
+        best.content = None  # (its pages are about to hold something else)
+        return best
+
+    def adopt(self, where: str, claim: Callable[[Any], bool]) -> Spare | None:
+        """The kept dump in ``where`` whose content ``claim`` accepts, taken out of the pool (None if none)."""
+        with self._lock:
+            for spare in self._items:
+                if spare.content is not None and spare.where == where and claim(spare.content):
+                    self._items.remove(spare)
+                    return spare
+        return None
 
     def drop(self, where: str | None = None) -> int:
         """Free every kept dump now, or those made in the temp folder ``where``; how many (the pool stays

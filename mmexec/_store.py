@@ -266,8 +266,9 @@ class MemmapStore:
             record.mapped += mapped
             return True
 
-    def release(self, path: str, mapped: bool = False) -> None:
-        """Count one user fewer; close (or delete) the file when none is left."""
+    def release(self, path: str, mapped: bool = False, content: _Dump | None = None) -> None:
+        """Count one user fewer; close (or delete) the file when none is left (or keep it as a spare, with
+        ``content``: the dump of a live array it holds, which the next executor may adopt)."""
         with self._lock:
             record = self._files.get(path)
             if record is None:
@@ -280,7 +281,7 @@ class MemmapStore:
             FILES.owners.pop(path, None)
             kept = (
                 record.fd >= 0 and record.reuse is not None and not (self._closed and self._explicit)
-                and self._spares.put(record.fd, path, *record.reuse)
+                and self._spares.put(record.fd, path, *record.reuse, content=content)
             )  # (after shutdown, a chosen folder keeps nothing: it may be unmounted)
         _DESCRIPTORS.add(-1)
         if record.fd < 0:
@@ -364,10 +365,29 @@ class MemmapStore:
                 return dump.ref
         if _DESCRIPTORS.left() < _DESCRIPTORS.PER_FILE:
             return None  # out of descriptors: pickle this array into the task
-        dump = self._new_dump(a, users=2)  # (the array's and this task's, at once: another thread's new dump
-        holds.session.checked.add(key)  # of the same array may release the array's at any moment)
+        # (held by the array and this task at once: another thread's new dump of the same array may release
+        # the array's hold at any moment)
+        dump = self._adopt(a, holds.session) or self._new_dump(a, users=2)
+        holds.session.checked.add(key)
         holds.files.append((self, dump.path))
         return dump.ref
+
+    def _adopt(self, a: np.ndarray, session: Session) -> _Dump | None:
+        """The dump of ``a`` an executor shut down since left among the spares, if ``a`` is unchanged since:
+        taken over, held twice (as :meth:`_new_dump`); else None."""
+        key = id(a)
+        spare = self._spares.adopt(self._base, lambda held: held.key == key and held.wref() is a)
+        if spare is None:
+            return None
+        old: _Dump = spare.content
+        spare.content = None
+        if not self._still_valid(old, a, session):
+            old.flat = None
+            if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
+                os.close(spare.fd)  # (its pages may still serve the new dump, as any spare's)
+            return None
+        self._register(spare.path, _File(spare.fd, 2, 0, (spare.capacity, spare.where)))
+        return self._record_dump(a, spare.path, old.flat)
 
     def _still_valid(self, dump: _Dump, a: np.ndarray, session: Session) -> bool:
         """True when ``a`` is unchanged since it was dumped: its layout every time, its bytes once per session.
@@ -389,10 +409,13 @@ class MemmapStore:
         return True
 
     def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
-        ref_path = self._write(a, users)  # held by the array (and the task that dumps it)
+        return self._record_dump(a, self._write(a, users))  # held by the array (and the task that dumps it)
+
+    def _record_dump(self, a: np.ndarray, ref_path: str, flat: np.ndarray | None = None) -> _Dump:
+        """Remember that the file at ``ref_path`` holds ``a``'s bytes, for as long as ``a`` lives."""
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
+        dump = _Dump(key, None, ref_path, ref, flat)  # type: ignore[arg-type]
         dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
         with self._lock:
             old = self._dumps.get(key)
@@ -591,8 +614,12 @@ class MemmapStore:
             if self._closed:
                 return
             self._closed = True
+            live: dict[str, _Dump] = {}  # dumps of arrays still alive: their files may serve the next executor
             for old in self._dumps.values():
-                old.flat = None
+                if old.wref() is not None:
+                    live[old.path] = old
+                else:
+                    old.flat = None
             self._dumps.clear()
             lent, self._lent = list(self._lent.values()), {}
             for spare in lent:
@@ -612,7 +639,7 @@ class MemmapStore:
                 if left is None:
                     continue
                 left.users = 1
-            self.release(path)
+            self.release(path, content=live.get(path))
         for folder in folders:
             remove_private_folder(folder)
         remove_folders_made(self._made)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _tasks import describe, held_fds, live_dumps, slice_of
+from _tasks import describe, fill, held_fds, live_dumps, slice_of
 
 import mmexec._store as store_module
 import mmexec._tempfolder as tempfolder_module
@@ -576,3 +576,63 @@ def test_a_result_freed_during_interpreter_exit_under_a_spares_lock_does_not_dea
     assert not t.is_alive(), "a finalizer deadlocked on the spares' lock"
     monkeypatch.undo()
     HOUSEKEEPER.run_pending()
+
+
+@pytest.fixture
+def count_writes(monkeypatch):
+    """How many times the store writes an array into a file."""
+    writes: list[int] = []
+    real = store_module.write_array
+
+    def counting(fd, path, a, *args, **kwargs):
+        writes.append(a.nbytes)
+        return real(fd, path, a, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "write_array", counting)
+    return writes
+
+
+def test_a_fresh_executor_adopts_the_dump_an_unchanged_array_left_instead_of_writing_it_again(count_writes):
+    a = np.arange(300_000.0)
+    for _ in range(3):
+        with MemmapExecutor(2) as ex:
+            assert ex.submit(describe, a).result()["sum"] == float(a.sum())
+    assert len(count_writes) == 1
+
+
+def test_an_array_changed_or_relaid_between_executors_is_dumped_again(count_writes):
+    a = np.zeros(300_000)
+    with MemmapExecutor(2) as ex:
+        assert ex.submit(describe, a).result()["sum"] == 0.0
+    a[-1] = 5.0  # (the last page only)
+    with MemmapExecutor(2) as ex:
+        assert ex.submit(describe, a).result()["sum"] == 5.0
+    a.shape = (1000, 300)  # the same bytes, another shape
+    with MemmapExecutor(2) as ex:
+        assert ex.submit(np.shape, a).result() == (1000, 300)
+    assert len(count_writes) == 3
+
+
+def test_a_dump_a_task_wrote_through_is_not_adopted_by_the_next_executor(count_writes):
+    """With mmap_mode='r+' a task writes the dump, not the caller's array: the next executor must not take
+    that dump for the array."""
+    a = np.ones(300_000)
+    with MemmapExecutor(2, mmap_mode="r+") as ex:
+        ex.submit(fill, a, 7.0).result()
+    with MemmapExecutor(2) as ex:
+        assert ex.submit(describe, a).result()["sum"] == 300_000.0
+    assert len(count_writes) == 2
+
+
+def test_fresh_parallel_calls_dump_an_unchanged_array_once_but_not_in_a_chosen_folder(count_writes, tmp_path):
+    from mmexec import Parallel, delayed
+
+    a = np.arange(300_000.0)
+    for _ in range(3):
+        assert Parallel(n_jobs=2)(delayed(float)(a[i]) for i in range(4)) == [0.0, 1.0, 2.0, 3.0]
+        assert Parallel(n_jobs=2)(delayed(describe)(a) for _ in range(2))[1]["sum"] == float(a.sum())
+    assert len(count_writes) == 1
+    for _ in range(2):  # a chosen folder may be unmounted after shutdown: nothing is kept there
+        Parallel(n_jobs=2, temp_folder=str(tmp_path))(delayed(describe)(a) for _ in range(2))
+        assert os.listdir(tmp_path) == []
+    assert len(count_writes) == 3
