@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from loky import BrokenProcessPool
-
 from . import _exit  # noqa: F401  (registers the exit hook now: see _exit)
+from ._compat import BrokenProcessPool  # (loky's: _compat imports loky first, keeping joblib's start method)
 from ._errors import (
     AbortedError,
     FileChangedError,

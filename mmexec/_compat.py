@@ -3,7 +3,7 @@
 Each one is read here, once, behind a function or a constant, and
 ``tests/test_compat.py`` checks each on the running versions: a release
 that renames one fails that test loudly instead of changing mmexec's
-behaviour quietly. mmexec writes into no other library's private state.
+behaviour quietly. mmexec writes into no other library's private state but one entry, below.
 
 ============================================  ===========================================================
 name                                          why
@@ -20,12 +20,24 @@ name                                          why
 ``multiprocessing.util.Finalize``             (undocumented) the exit hook of a ``multiprocessing`` child
                                               process, which joins its own children before ``threading``'s
                                               exit hooks run there
+``multiprocessing.context._concrete_contexts``  the registry of start methods by name: see below
 ============================================  ===========================================================
+
+One write, to undo one of loky's. Importing loky registers its ``'loky'``
+context in ``multiprocessing``'s registry of start methods, replacing the
+entry of the copy of loky that joblib vendors, if joblib was imported first.
+joblib's next executor then started its workers with the other copy's
+process class, which talks to the other copy's resource tracker: every
+memory-mapped array produced ``KeyError`` tracebacks on stderr and files
+left to the tracker at exit. So loky is first imported here, and the entries
+it replaced are put back (:data:`LOKY_CONTEXT` is loky's own context, taken
+from loky directly, whichever copy holds the registry's name).
 """
 
 from __future__ import annotations
 
 import mmap
+import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.util
 import sys
@@ -35,7 +47,23 @@ from concurrent.futures import process as _stdlib_process
 from types import FrameType
 from typing import Any
 
+_REGISTRY = multiprocessing.context._concrete_contexts  # type: ignore[attr-defined]
+_BEFORE_LOKY = {name: _REGISTRY.get(name) for name in ("loky", "loky_init_main")}
+import loky.backend.context  # noqa: E402  (between the two looks at the registry)
+
+#: loky's process context (fresh interpreters that never re-run the caller's script), never through the
+#: registry: the name ``'loky'`` there may be joblib's vendored copy's.
+LOKY_CONTEXT: Any = loky.backend.context.ctx_loky
+for _name, _theirs in _BEFORE_LOKY.items():
+    if _theirs is not None:
+        _REGISTRY[_name] = _theirs  # (joblib's copy, imported first: its executors keep their own context)
+del _name, _theirs
+
+from loky import BrokenProcessPool  # noqa: E402  (loky's, raised by mmexec's executors too)
+
 __all__ = [
+    "LOKY_CONTEXT",
+    "BrokenProcessPool",
     "RemoteTraceback",
     "caller_frame",
     "forkserver_preload",

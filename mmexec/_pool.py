@@ -32,10 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import loky
-
 from ._bootstrap import ABORT_SIGNAL, CALL_ID, serve
-from ._compat import register_child_exit_hook
+from ._compat import LOKY_CONTEXT, register_child_exit_hook
 from ._housekeeper import HOUSEKEEPER
 from ._wire import CONFIG, INIT, STOP, Reader, send
 
@@ -52,7 +50,7 @@ CALL_IDS = itertools.count(1)
 
 def loky_context() -> Any:
     """loky's process context: fresh interpreters (as ``spawn``) that never re-run the caller's script."""
-    return loky.backend.context.get_context("loky")
+    return LOKY_CONTEXT
 
 
 class Worker:

@@ -10,6 +10,7 @@ import ast
 import mmap
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +22,8 @@ from mmexec import _compat
 
 PACKAGE = Path(_compat.__file__).parent
 #: Private names of other libraries read in mmexec/_compat.py (attribute names starting with one underscore).
-READ_IN_COMPAT = {"_register_atexit", "_RemoteTraceback", "_mmap", "_getframe", "_forkserver", "_preload_modules"}
+READ_IN_COMPAT = {"_register_atexit", "_RemoteTraceback", "_mmap", "_getframe", "_forkserver", "_preload_modules",
+                  "_concrete_contexts"}
 #: Names that start with an underscore but are documented public API.
 DOCUMENTED = {"_exit"}  # os._exit
 
@@ -138,3 +140,42 @@ def test_no_other_module_reads_another_librarys_private_names():
         if extra:
             foreign[path.name] = sorted(extra)
     assert foreign == {}
+
+
+JOBLIB_BESIDE_MMEXEC = """
+import sys, importlib
+import numpy as np
+first, second = sys.argv[1:3]
+importlib.import_module(first)
+importlib.import_module(second)
+import joblib, mmexec, loky
+from mmexec import _pool
+
+def total(a, i):
+    return float(a[i].sum())
+
+if __name__ == "__main__":
+    X = np.random.rand(2_000, 200)  # 3.2 MB: joblib's default backend maps it
+    for _ in range(2):
+        assert joblib.Parallel(n_jobs=2)(joblib.delayed(total)(X, i) for i in range(40))[3] == float(X[3].sum())
+    with mmexec.MemmapExecutor(2) as ex:
+        assert ex.submit(total, X, 5).result() == float(X[5].sum())
+    from multiprocessing import context
+    print("joblib's context kept:", type(context._concrete_contexts["loky"]).__module__.startswith("joblib."))
+    print("mmexec's context is loky's:", _pool.loky_context() is loky.backend.context.ctx_loky)
+"""
+
+
+@pytest.mark.parametrize("first, second", [("joblib", "mmexec"), ("mmexec", "joblib")])
+def test_importing_mmexec_beside_joblib_leaves_each_its_own_loky_context(tmp_path, first, second):
+    """loky registers its 'loky' context in multiprocessing's registry when imported, replacing the one of
+    joblib's vendored copy: joblib's next executor then spawned workers that talked to the other copy's
+    resource tracker (KeyError tracebacks on stderr, files left to the tracker at exit). mmexec keeps
+    joblib's entry, and takes its own context from loky directly."""
+    script = tmp_path / "both.py"
+    script.write_text(JOBLIB_BESIDE_MMEXEC)
+    out = subprocess.run([sys.executable, str(script), first, second], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "KeyError" not in out.stderr and "leaked" not in out.stderr, out.stderr[-3000:]
+    assert "joblib's context kept: True" in out.stdout, out.stdout
+    assert "mmexec's context is loky's: True" in out.stdout, out.stdout
