@@ -1,4 +1,4 @@
-"""Per-task cost workloads T1-T4: ProcessPoolExecutor, loky and MemmapExecutor side by side (see README.md).
+"""Per-task cost workloads T1-T4: ProcessPoolExecutor, loky and MemmapExecutor side by side (see bench/README.md).
 
 Each test is one (workload, contender) pair, driven like the transfer
 workloads (:class:`~bench.conftest.Bench`: the timed part is from the first

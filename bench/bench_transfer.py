@@ -1,4 +1,4 @@
-"""Transfer workloads S1-S5 and warm start, on every contender (see README.md).
+"""Transfer workloads S1-S5 and warm start, on every contender (see bench/README.md).
 
 Each test is one (workload, contender) pair; pytest-benchmark groups them per
 workload. The timed part is from the first submit (or the Parallel call) to

@@ -254,7 +254,7 @@ class MemmapExecutor(ExecutorBase):
     :meth:`abort` stops running calls without losing the warm workers.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.3.0 ``mmap_mode`` defaults to ``'c'``; workers are leased, one executor at a time.
+    .. versionchanged:: 0.2.0 ``mmap_mode`` defaults to ``'c'``; workers are leased, one executor at a time.
     """
 
     def __init__(

@@ -40,7 +40,7 @@ subclass of joblib's ``ParallelBackendBase`` is excluded ("passes a joblib backe
 ``--list-failures`` prints each failing id and its error's summary line.
 
 :data:`DELIBERATE` lists the tests that fail because of a difference kept by design (each is in the
-README's "Differences from joblib" with its reason). The last line printed is a summary (skipped
+docs/differences.md ("Differences from joblib") with its reason). The last line printed is a summary (skipped
 counts xfailed, failed counts errors, ``deliberate`` the failures listed there); the exit status is 0
 when every failure is listed there and every listed test failed, 1 otherwise (a new failure, or a
 listed difference that is gone), 2 when pytest could not run the suite::

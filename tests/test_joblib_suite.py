@@ -2,7 +2,7 @@
 
 The runner is ``tests/joblib_suite.py`` (see its docstring for what it selects
 and why). Only the failures it lists as deliberate differences (each in the
-README with its reason) are allowed, and each of those must still fail.
+docs/differences.md with its reason) are allowed, and each of those must still fail.
 """
 
 from __future__ import annotations
