@@ -67,6 +67,8 @@ CONTENDERS = {
     "mmexec": "MemmapExecutor",
     "mmexec-map": "MemmapExecutor.map",
     "mmexec-Parallel": "mmexec.Parallel",
+    "joblib-kept": "joblib.Parallel, one with-block",
+    "sequential": "one job",
 }
 
 

@@ -29,6 +29,9 @@ WORKLOADS = {
     "D1": "D1: one 100 MB array passed whole to 8 tasks on a dask LocalCluster (fresh array object each round)",
     "D1-reuse": "D1-reuse: as D1, the same unchanged array object every round",
     # Per-task cost workloads (bench_pertask.py); the sizes come from the rows (MMEXEC_BENCH_QUICK shrinks them).
+    "P1": "P1: repeated Parallel calls on one unchanged 160 MB array (8 calls each): fresh calls against calls in "
+    "one with-block",
+    "J1": "J1: scikit-learn GridSearchCV(Ridge(), 4 alphas, cv=3, refit=False) on a 160 MB X, per joblib backend",
     "T1": "T1: {tasks:,} x submit(tiny, i), then every result in order",
     "T2": "T2: list(map(tiny, range({tasks:,}))), default arguments",
     "T3": "T3: {tasks} bytes payloads of {payload_bytes:MiB} each, each sent to a task that returns a new bytes "
@@ -107,6 +110,10 @@ TARGETS = [
     Target("warm", "second executor ready <= 5 ms", "<=5 ms", lambda r, g: r.median <= 0.005),
     Target("cold", "first executor's first result <= 2x ProcessPoolExecutor (forkserver)", "<=2x PPE forkserver",
            _vs("ppe-forkserver", 2.0)),
+    Target("P1", "a fresh mmexec.Parallel call <= 1.3x a call in one with-block", "<=1.3x with-block",
+           lambda r, g: None if r.contender == "mmexec" else _vs("mmexec", 1.3)(r, g)),
+    Target("J1", "GridSearchCV on the 'mmexec' joblib backend <= joblib's default backend", "<=joblib default",
+           _vs("joblib", 1.0)),
 ]
 
 
