@@ -334,6 +334,7 @@ class Core:
                     if self.manager_starving:
                         self.manager_starving = False
                         self.wake()
+                    del item  # (the loop variable would keep the last call, its future and result, alive)
                 del batch
         except BaseException as exc:  # a bug of ours: break the executor rather than leave futures pending
             self.crash(exc)

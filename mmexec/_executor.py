@@ -67,7 +67,7 @@ from ._pickler import PROTOCOL
 from ._pool import WARM, Source, loky_context
 from ._records import Task
 from ._store import MemmapStore, Session
-from ._worker import WorkerContext
+from ._worker import WorkerContext, thread_caps
 
 __all__ = ["MemmapExecutor"]
 
@@ -239,9 +239,11 @@ class MemmapExecutor(ExecutorBase):
         else the system temp folder.
     inner_max_num_threads : int, optional
         BLAS/OpenMP threads each worker may use while it runs this executor's
-        tasks. Default: the number of CPUs divided by ``max_workers`` (at
-        least 1), so that workers times threads does not oversubscribe the
-        machine, as joblib does.
+        tasks. Default, as joblib: a thread-count variable the caller set
+        (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``...)
+        when the executor is made is passed on as it is; the others are the
+        number of CPUs divided by ``max_workers`` (at least 1), so that
+        workers times threads does not oversubscribe the machine.
 
     Notes
     -----
@@ -289,9 +291,8 @@ class MemmapExecutor(ExecutorBase):
         mode = validate_mmap_mode(mmap_mode)
         limit = None if mode is None else parse_max_nbytes(max_nbytes)  # mmap_mode=None: no maps (as joblib)
         source = _make_source(mp_context, method, initializer, tuple(initargs), max_tasks_per_child)
-        settings = WorkerContext(
-            None, limit, inner_max_num_threads or max(1, loky.cpu_count() // max_workers), max_tasks_per_child
-        )
+        caps = thread_caps(inner_max_num_threads, max(1, loky.cpu_count() // max_workers))
+        settings = WorkerContext(None, limit, caps, max_tasks_per_child)
         self._max_workers = max_workers
         store = MemmapStore(limit, mode or "r", temp_folder)  # last: nothing to undo after it
         self._core = Core(store, source, settings, max_workers, manager_for)

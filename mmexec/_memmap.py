@@ -25,7 +25,9 @@ __all__ = [
     "ArrayRef",
     "BlobRef",
     "address_of",
+    "as_pickled",
     "backing_memmap",
+    "copy_as_pickled",
     "dump",
     "file_offset_of",
     "has_shareable_memory",
@@ -34,6 +36,7 @@ __all__ = [
     "map_blob",
     "open_ref",
     "open_whole",
+    "pickles_native",
     "read_array",
     "read_blob",
     "same_bytes",
@@ -164,6 +167,36 @@ def _contiguous_blocks(a: np.ndarray) -> Iterator[np.ndarray]:
 def layout_order(a: np.ndarray) -> str:
     """The order in which :func:`write_array` lays ``a`` out."""
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
+def pickles_native(a: np.ndarray) -> bool:
+    """True when pickling gives ``a`` back in native byte order where ``a`` has another: NumPy pickles an array
+    through its values (not as a buffer) when it is neither C- nor F-contiguous, or of a datetime64 or
+    timedelta64 dtype, and a simple (not structured) dtype then comes back native. A dump of ``a`` is made of
+    ``a.astype(native)`` then, so that the map path gives what pickling does. (An ``np.memmap`` is judged as
+    the ndarray it stands for: a task's mapped argument is one where pickling would have given an ndarray.)"""
+    return (a.dtype.fields is None and not a.dtype.isnative
+            and (a.dtype.kind in "Mm" or not (a.flags.c_contiguous or a.flags.f_contiguous)))
+
+
+def as_pickled(a: np.ndarray) -> np.ndarray:
+    """``a``, or a native-byte-order copy where pickling would give that (:func:`pickles_native`)."""
+    if not pickles_native(a):
+        return a
+    order = "F" if layout_order(a) == "F" else "C"  # (a plain array, as pickling gives, never a memmap)
+    return a.view(np.ndarray).astype(a.dtype.newbyteorder("="), order=order)
+
+
+def copy_as_pickled(a: np.ndarray) -> np.ndarray:
+    """A new array, in memory, equal to what pickling ``a`` gives: C order unless ``a`` is only F-contiguous,
+    every byte of every item (a structured dtype's padding too), native byte order where pickling gives it."""
+    if pickles_native(a):
+        return as_pickled(a)
+    out = np.empty(a.shape, a.dtype, order="F" if layout_order(a) == "F" else "C")
+    if a.dtype.itemsize:
+        raw = np.dtype((np.void, a.dtype.itemsize))  # (copied as bytes: a field-by-field copy drops the padding)
+        np.copyto(out.view(raw), a.view(raw))
+    return out
 
 
 def write_array(fd: int, path: str, a: np.ndarray, reserve: AbstractContextManager[Any] | None = None) -> None:

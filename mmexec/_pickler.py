@@ -37,7 +37,7 @@ import cloudpickle
 import numpy as np
 
 from ._errors import FileChangedError, ResultError
-from ._memmap import ArrayRef, BlobRef, map_blob, open_ref, open_whole, read_blob
+from ._memmap import ArrayRef, BlobRef, copy_as_pickled, map_blob, open_ref, open_whole, read_blob
 from ._records import Outcomes, Task, pack
 from ._store import UNKNOWN_IDENTITY, ArrayStore, Holds, MemmapStore, owner_of
 from ._tempfolder import unlink_quietly
@@ -333,7 +333,7 @@ def load_ref(ref: ArrayRef) -> np.ndarray:
     through the pipe. A caller's own ``np.memmap`` comes back as a map of it.
     """
     if getattr(_local, "store", None) is not None and owner_of(ref.path) is not None:
-        return np.array(open_ref(ref, open_whole(ref.path, "r")), copy=True)
+        return copy_as_pickled(open_ref(ref, open_whole(ref.path, "r")))
     maps: dict[tuple[str, str], np.memmap] | None = getattr(_local, "maps", None)
     key = (ref.path, ref.mode)
     whole = None if maps is None else maps.get(key)

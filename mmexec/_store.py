@@ -55,11 +55,13 @@ from ._housekeeper import HOUSEKEEPER, drain
 from ._memmap import (
     ArrayRef,
     BlobRef,
+    as_pickled,
     backing_memmap,
     file_offset_of,
     layout_order,
     open_ref,
     open_whole,
+    pickles_native,
     read_array,
     same_bytes,
     write_array,
@@ -336,6 +338,8 @@ class MemmapStore:
             return None  # as joblib: only arrays larger than max_nbytes are mapped
         if type(a) is not np.ndarray and type(a) is not np.memmap:
             return None  # subclasses keep their type through normal pickling
+        if pickles_native(a):  # (a copy: what pickling would give, dumped for this task)
+            return self._dump_ref(as_pickled(a), holds)
         return self._dump_ref(a, holds)
 
     def _memmap_ref(self, a: np.ndarray, mm: np.memmap, holds: Holds) -> ArrayRef | None:

@@ -42,7 +42,7 @@ from loky import BrokenProcessPool
 from ._bootstrap import ABORT_SIGNAL, ABORTS, TaskAborted
 from ._compat import RemoteTraceback
 from ._errors import FileChangedError
-from ._memmap import ArrayRef, BlobRef, backing_memmap, file_offset_of, layout_order, write_array
+from ._memmap import ArrayRef, BlobRef, as_pickled, backing_memmap, file_offset_of, layout_order, write_array
 from ._pickler import PROTOCOL, Side, dump, load_ref, load_result, loads
 from ._records import Call, Chunk, Outcomes, Task, unpack
 from ._tempfolder import create_private_file, unlink_quietly
@@ -59,7 +59,8 @@ from ._wire import (
     Message,
 )
 
-__all__ = ["ABORT_SIGNAL", "TaskAborted", "WorkerContext", "handle", "in_worker", "run_calls"]
+__all__ = ["ABORT_SIGNAL", "THREAD_VARS", "TaskAborted", "WorkerContext", "handle", "in_worker", "run_calls",
+           "thread_caps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class WorkerContext:
 
     folder: str | None  # the caller's private folder, for large results (None: results by pickle)
     max_nbytes: int | None
-    threads: int
+    threads: tuple[tuple[str, str], ...]  # the thread-count variables (:data:`THREAD_VARS`) to set, and values
     max_tasks: int | None = None  # max_tasks_per_child
 
 
@@ -76,10 +77,10 @@ class _State:
     """This worker process's state (one instance, :data:`_STATE`)."""
 
     def __init__(self) -> None:
-        self.ctx = WorkerContext(None, None, 0)
+        self.ctx = WorkerContext(None, None, ())
         self.in_worker = False
         self.tasks = 0  # tasks run under the current lease
-        self.thread_limit: int | None = None
+        self.threads: tuple[tuple[str, str], ...] = ()  # what _limit_threads set last
 
 
 _STATE = _State()
@@ -108,26 +109,46 @@ def handle(message: Message) -> tuple[int, int, bytes, bytes, int] | None:
 
 
 # ------------------------------------------------------------------ set-up
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-                "NUMEXPR_NUM_THREADS")
+#: The environment variables that cap BLAS/OpenMP threads (joblib's list).
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
-def _limit_threads(limit: int) -> None:
+def thread_caps(explicit: int | None, default: int) -> tuple[tuple[str, str], ...]:
+    """The caller's side: each of :data:`THREAD_VARS` with its value for the workers, as joblib gives them:
+    ``explicit`` (``inner_max_num_threads``) for all, else the caller's own value where it set one, else
+    ``default``."""
+    if explicit is not None:
+        return tuple((name, str(explicit)) for name in THREAD_VARS)
+    return tuple((name, os.environ.get(name, str(default))) for name in THREAD_VARS)
+
+
+def _limit_threads(caps: tuple[tuple[str, str], ...]) -> None:
     """Cap BLAS/OpenMP threads in this worker so that workers x threads <= CPUs (as joblib).
 
     Environment variables reach libraries loaded later; libraries already
     loaded are capped through threadpoolctl when it is installed.
     """
-    if limit < 1 or _STATE.thread_limit == limit:
+    if not caps or _STATE.threads == caps:
         return
-    _STATE.thread_limit = limit
-    for name in _THREAD_VARS:
-        os.environ[name] = str(limit)
+    _STATE.threads = caps
+    os.environ.update(caps)
+    values = dict(caps)
+    limits = {api: min(counts) for api, counts in (
+        ("openmp", _counts(values, ("OMP_NUM_THREADS",))), ("blas", _counts(values, _BLAS_VARS))) if counts}
+    if not limits:
+        return
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return
-    threadpool_limits(limits=limit)
+    threadpool_limits(limits=limits)
+
+
+def _counts(values: dict[str, str], names: tuple[str, ...]) -> list[int]:
+    """The positive whole numbers among ``values`` of ``names`` (a variable may hold anything)."""
+    return [int(values[name]) for name in names if values.get(name, "").isdigit() and int(values[name]) > 0]
 
 
 def _init(message: Message) -> tuple[int, int, bytes, bytes, int]:
@@ -386,7 +407,7 @@ class _ResultEncoder(Side):
             path = os.fspath(mm.filename)  # type: ignore[arg-type]
             mode = "r+" if mm.mode in ("r+", "w+") else "r"
             return load_ref, (ArrayRef(path, obj.dtype, obj.shape, obj.strides, file_offset_of(obj, mm), "C", mode),)
-        ref = self._dump(obj)
+        ref = self._dump(as_pickled(obj))
         return None if ref is None else (load_result, (ref,))
 
     def _dump(self, a: np.ndarray) -> ArrayRef | None:

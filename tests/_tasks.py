@@ -224,3 +224,39 @@ def leave_an_executor_running(mode: str, out: Any) -> None:
     if mode == "nowait":
         ex.shutdown(wait=False)
     out.put(mode)
+
+
+def leaf_bytes(a: np.ndarray) -> bytes:
+    """``a``'s values as bytes, in C order, one leaf field after another.
+
+    A structured dtype's padding is left out: a copy need not keep it (NumPy
+    copies a non-contiguous structured array field by field, so even
+    ``np.ascontiguousarray`` and pickling leave its padding undefined).
+    """
+    if a.dtype.names is None:
+        return np.ascontiguousarray(a).reshape(-1).view(np.uint8).tobytes()
+    return b"".join(leaf_bytes(a[name]) for name in a.dtype.names)
+
+
+def as_seen(x: np.ndarray) -> dict[str, Any]:
+    """What a worker got for an array argument: its type, dtype, shape, strides, values and whether it is a map."""
+    return {
+        "type": type(x), "dtype": x.dtype, "shape": x.shape, "strides": x.strides,
+        "bytes": leaf_bytes(x), "shareable": has_shareable_memory(x),
+    }
+
+
+def returned(x: Any, how: str, index: Any = None, axes: tuple[int, ...] | None = None) -> Any:
+    """A task for the property tests: ``how`` is ``'self'`` (return the argument itself), ``'view'``
+    (``x[index]``, its axes then permuted by ``axes``: a view of the argument), ``'copy'`` (a new C-ordered
+    array) or ``'seen'`` (:func:`as_seen`: what the worker got)."""
+    if how == "self":
+        return x
+    if how == "view":
+        y = x[index]
+        return y if axes is None else y.transpose(axes)
+    if how == "copy":
+        return x.copy()
+    if how == "seen":
+        return as_seen(x)
+    raise ValueError(how)

@@ -638,3 +638,18 @@ def test_an_array_changed_between_calls_of_one_with_block_is_seen_by_the_next_ca
         assert [d["sum"] for d in parallel(delayed(describe)(a) for _ in range(2))] == [0.0, 0.0]
         a[0, 0] = 5.0
         assert [d["sum"] for d in parallel(delayed(describe)(a) for _ in range(2))] == [5.0, 5.0]
+
+
+def test_thread_variables_the_caller_set_reach_the_workers_as_joblib_passes_them(monkeypatch):
+    """joblib keeps a thread-count variable the caller set (and its later value, in a later executor), fills
+    in cpus // workers where it is unset, and sets inner_max_num_threads everywhere when given."""
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    with MemmapExecutor(2) as ex:
+        assert {ex.submit(get_env, "OMP_NUM_THREADS").result() for _ in range(4)} == {"4"}
+        assert ex.submit(get_env, "MKL_NUM_THREADS").result() == str(max(1, mmexec.cpu_count() // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with MemmapExecutor(2) as ex:  # (the same warm workers)
+        assert {ex.submit(get_env, "OMP_NUM_THREADS").result() for _ in range(4)} == {"3"}
+    with MemmapExecutor(2, inner_max_num_threads=1) as ex:
+        assert {ex.submit(get_env, name).result() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} == {"1"}
