@@ -183,8 +183,9 @@ def as_pickled(a: np.ndarray) -> np.ndarray:
     """``a``, or a native-byte-order copy where pickling would give that (:func:`pickles_native`)."""
     if not pickles_native(a):
         return a
-    order = "F" if layout_order(a) == "F" else "C"  # (a plain array, as pickling gives, never a memmap)
-    return a.view(np.ndarray).astype(a.dtype.newbyteorder("="), order=order)
+    plain = a.view(np.ndarray)  # (a plain array, as pickling gives, never a memmap)
+    native: np.ndarray = plain.astype(a.dtype.newbyteorder("="), order="F" if layout_order(a) == "F" else "C")
+    return native
 
 
 def copy_as_pickled(a: np.ndarray) -> np.ndarray:
