@@ -76,6 +76,20 @@ def register_joblib(make_default: bool = False) -> None:
     _joblib_parallel.register_parallel_backend(BACKEND_NAME, MemmapBackend, make_default=make_default)
 
 
+class _Batch:
+    """One of joblib's batches, run in a worker where the backend is registered too, so that a task's own
+    ``Parallel(backend='mmexec')`` finds it (joblib's registry is per process)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: Any) -> None:
+        self.calls = calls
+
+    def __call__(self) -> Any:
+        register_joblib()
+        return self.calls()
+
+
 if _joblib_parallel is not None:
 
     class MemmapBackend(
@@ -167,7 +181,7 @@ if _joblib_parallel is not None:
                 raise RuntimeError(
                     f"the {BACKEND_NAME!r} joblib backend has no executor: its Parallel call or block ended"
                 )
-            future = self._executor.submit_batch([(func, (), {})], scope=self._scope)
+            future = self._executor.submit_batch([(_Batch(func), (), {})], scope=self._scope)
             if callback is not None:
                 future.add_done_callback(callback)
             return future

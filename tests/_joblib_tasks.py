@@ -68,3 +68,10 @@ def fill_first(a: np.ndarray, value: float) -> float:
 def list_folder(path: str, *_: Any) -> list[str]:
     """What ``path`` holds while this task runs (its other arguments only travel)."""
     return sorted(os.listdir(path))
+
+
+def nested_sum(backend: str) -> int:
+    """A task's own joblib Parallel on ``backend``, by name."""
+    from joblib import Parallel, delayed
+
+    return sum(Parallel(n_jobs=2, backend=backend)(delayed(abs)(-i) for i in range(3)))

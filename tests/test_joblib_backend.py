@@ -24,6 +24,7 @@ from _joblib_tasks import (  # noqa: E402
     fill_first,
     list_folder,
     nested_backend,
+    nested_sum,
     wait_then_mark,
     where,
 )
@@ -141,6 +142,12 @@ def test_a_nested_parallel_in_a_task_runs_on_joblibs_threads_one_level_down():
     with joblib.parallel_config(backend="mmexec", n_jobs=2):
         seen = joblib.Parallel()(joblib.delayed(nested_backend)() for _ in range(2))
     assert {(name, level) for name, level, _ in seen} == {("ThreadingBackend", 1)}
+
+
+def test_a_task_can_name_the_backend_in_its_own_parallel():
+    """joblib's registry is per process: the workers register the backend too before running a batch."""
+    with joblib.parallel_config(backend="mmexec", n_jobs=2):
+        assert joblib.Parallel()(joblib.delayed(nested_sum)("mmexec") for _ in range(2)) == [3, 3]
 
 
 @pytest.mark.parametrize("return_as", ["list", "generator", "generator_unordered"])
