@@ -109,10 +109,14 @@ def handle(message: Message) -> tuple[int, int, bytes, bytes, int] | None:
 
 
 # ------------------------------------------------------------------ set-up
-#: The environment variables that cap BLAS/OpenMP threads (joblib's list).
+#: The environment variables that cap BLAS/OpenMP threads (joblib's list, but NUMBA_NUM_THREADS: numba
+#: refuses a new value once its threads run, and a warm worker serves one executor after another).
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: The library each variable caps, as threadpoolctl names it: a library already loaded is capped by its own
+#: variable's value.
+_LIBRARY_OF = {"OMP_NUM_THREADS": "openmp", "OPENBLAS_NUM_THREADS": "openblas", "MKL_NUM_THREADS": "mkl",
+               "BLIS_NUM_THREADS": "blis"}
 
 
 def thread_caps(explicit: int | None, default: int) -> tuple[tuple[str, str], ...]:
@@ -134,9 +138,8 @@ def _limit_threads(caps: tuple[tuple[str, str], ...]) -> None:
         return
     _STATE.threads = caps
     os.environ.update(caps)
-    values = dict(caps)
-    limits = {api: min(counts) for api, counts in (
-        ("openmp", _counts(values, ("OMP_NUM_THREADS",))), ("blas", _counts(values, _BLAS_VARS))) if counts}
+    limits = {_LIBRARY_OF[name]: int(value) for name, value in caps
+              if name in _LIBRARY_OF and value.isdigit() and int(value) > 0}  # (a variable may hold anything)
     if not limits:
         return
     try:
@@ -144,11 +147,6 @@ def _limit_threads(caps: tuple[tuple[str, str], ...]) -> None:
     except ImportError:
         return
     threadpool_limits(limits=limits)
-
-
-def _counts(values: dict[str, str], names: tuple[str, ...]) -> list[int]:
-    """The positive whole numbers among ``values`` of ``names`` (a variable may hold anything)."""
-    return [int(values[name]) for name in names if values.get(name, "").isdigit() and int(values[name]) > 0]
 
 
 def _init(message: Message) -> tuple[int, int, bytes, bytes, int]:

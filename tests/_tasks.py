@@ -260,3 +260,10 @@ def returned(x: Any, how: str, index: Any = None, axes: tuple[int, ...] | None =
     if how == "seen":
         return as_seen(x)
     raise ValueError(how)
+
+
+def library_threads() -> dict[str, int]:
+    """The thread count of each BLAS/OpenMP library loaded here, by threadpoolctl's internal_api name."""
+    from threadpoolctl import threadpool_info
+
+    return {info["internal_api"]: info["num_threads"] for info in threadpool_info()}

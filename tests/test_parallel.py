@@ -19,6 +19,7 @@ from _tasks import (
     describe,
     get_env,
     identity,
+    library_threads,
     nested_parallel_warnings,
     raise_value_error,
     set_env_from_initializer,
@@ -653,3 +654,18 @@ def test_thread_variables_the_caller_set_reach_the_workers_as_joblib_passes_them
         assert {ex.submit(get_env, "OMP_NUM_THREADS").result() for _ in range(4)} == {"3"}
     with MemmapExecutor(2, inner_max_num_threads=1) as ex:
         assert {ex.submit(get_env, name).result() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} == {"1"}
+
+
+def test_each_loaded_library_gets_the_thread_count_of_its_own_variable(monkeypatch):
+    """A warm worker has numpy's BLAS loaded before an executor's caps arrive: it is capped (threadpoolctl)
+    by its own variable's value, not by the smallest of all BLAS variables."""
+    pytest.importorskip("threadpoolctl")
+    default = max(1, mmexec.cpu_count() // 2)
+    for name in ("MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(default + 1))
+    with MemmapExecutor(2) as ex:
+        seen = [ex.submit(library_threads).result() for _ in range(4)]
+    if not any("openblas" in libraries for libraries in seen):
+        pytest.skip("numpy is not linked with OpenBLAS here")
+    assert {libraries["openblas"] for libraries in seen} == {default + 1}
