@@ -385,11 +385,13 @@ class MemmapStore:
             return None
         old: _Dump = spare.content
         spare.content = None
-        if not self._still_valid(old, a, session):
+        if not self._still_valid(old, a, Session()):  # (always the bytes: ``session`` may have checked ``a``
+            # against another dump of it)
             old.flat = None
             if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
                 os.close(spare.fd)  # (its pages may still serve the new dump, as any spare's)
             return None
+        session.checked.add(key)
         self._register(spare.path, _File(spare.fd, 2, 0, (spare.capacity, spare.where)))
         return self._record_dump(a, spare.path, old.flat)
 
