@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _tasks import describe, fill, held_fds, live_dumps, slice_of
+from _tasks import describe, fill, held_fds, live_dumps, relayout_in_place, slice_of
 
 import mmexec._store as store_module
 import mmexec._tempfolder as tempfolder_module
@@ -607,7 +607,7 @@ def test_an_array_changed_or_relaid_between_executors_is_dumped_again(count_writ
     a[-1] = 5.0  # (the last page only)
     with MemmapExecutor(2) as ex:
         assert ex.submit(describe, a).result()["sum"] == 5.0
-    a.shape = (1000, 300)  # the same bytes, another shape
+    relayout_in_place(a, shape=(1000, 300))  # the same bytes, another shape
     with MemmapExecutor(2) as ex:
         assert ex.submit(np.shape, a).result() == (1000, 300)
     assert len(count_writes) == 3
