@@ -143,10 +143,12 @@ def _limit_threads(caps: tuple[tuple[str, str], ...]) -> None:
     if not limits:
         return
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # (threadpoolctl is optional; it has ThreadpoolController since 3.0)
         return
-    threadpool_limits(limits=limits)
+    controller = ThreadpoolController()
+    for library, count in limits.items():  # (threadpool_limits' dict keys are user APIs or file prefixes)
+        controller.select(internal_api=library).limit(limits=count)
 
 
 def _init(message: Message) -> tuple[int, int, bytes, bytes, int]:

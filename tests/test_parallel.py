@@ -658,14 +658,18 @@ def test_thread_variables_the_caller_set_reach_the_workers_as_joblib_passes_them
 
 def test_each_loaded_library_gets_the_thread_count_of_its_own_variable(monkeypatch):
     """A warm worker has numpy's BLAS loaded before an executor's caps arrive: it is capped (threadpoolctl)
-    by its own variable's value, not by the smallest of all BLAS variables."""
+    to cpus // workers by default, and by its own variable's value where the caller set it (not by the
+    smallest of all BLAS variables). The values differ from an uncapped library's (the CPU count)."""
     pytest.importorskip("threadpoolctl")
-    default = max(1, mmexec.cpu_count() // 2)
-    for name in ("MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+    cpus = mmexec.cpu_count()
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(default + 1))
+    with MemmapExecutor(cpus) as ex:  # (one thread each)
+        capped = [ex.submit(library_threads).result() for _ in range(2 * cpus)]
+    if not any("openblas" in libraries for libraries in capped):
+        pytest.skip("numpy is not linked with OpenBLAS here")
+    assert {libraries["openblas"] for libraries in capped} == {1}
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(cpus + 1))
     with MemmapExecutor(2) as ex:
         seen = [ex.submit(library_threads).result() for _ in range(4)]
-    if not any("openblas" in libraries for libraries in seen):
-        pytest.skip("numpy is not linked with OpenBLAS here")
-    assert {libraries["openblas"] for libraries in seen} == {default + 1}
+    assert {libraries["openblas"] for libraries in seen} == {cpus + 1}
