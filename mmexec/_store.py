@@ -352,8 +352,8 @@ class MemmapStore:
             if not owner.hold(path):  # (unless the executor's mmap_mode says so)
                 return None  # its file is gone: treat ``a`` as an ordinary array
             holds.files.append((owner, path))
-            mode = "c" if self.mmap_mode == "r+" else self.mmap_mode  # (with 'r+', tasks write the dump, never a
-            # result array the caller holds: its own copy-on-write pages then)
+            mode = "c" if self.mmap_mode in ("r+", "w+") else self.mmap_mode  # (writable modes: tasks write the
+            # dump, never a result array the caller holds: their own copy-on-write pages then)
         else:  # a caller's own np.memmap: by its path as seen from any process, and its identity; writable
             path = from_any_process(path)  # if the caller opened it so on purpose (seed E7)
             ident = identity(mm, path)

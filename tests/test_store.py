@@ -638,10 +638,11 @@ def test_fresh_parallel_calls_dump_an_unchanged_array_once_but_not_in_a_chosen_f
     assert len(count_writes) == 3
 
 
-def test_with_mmap_mode_r_plus_a_task_never_writes_a_result_the_caller_holds():
+@pytest.mark.parametrize("mode", ["r+", "w+"])
+def test_with_a_writable_mmap_mode_a_task_never_writes_a_result_the_caller_holds(mode):
     """A large result is a map of a file mmexec holds: passed back to a task, it travels by reference, and with
-    mmap_mode='r+' tasks write what they get. They write private pages, as ProcessPoolExecutor's copy."""
-    with MemmapExecutor(2, mmap_mode="r+") as ex:
+    mmap_mode='r+' or 'w+' tasks write what they get. They write private pages, as ProcessPoolExecutor's copy."""
+    with MemmapExecutor(2, mmap_mode=mode) as ex:
         r = ex.submit(np.ones, 300_000).result()
         ex.submit(fill, r, 7.0).result()
         assert float(r.sum()) == 300_000.0
