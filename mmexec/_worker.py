@@ -147,10 +147,7 @@ def _limit_threads(caps: tuple[tuple[str, str], ...]) -> None:
     except ImportError:  # (threadpoolctl is optional; it has ThreadpoolController since 3.0)
         return
     controller = ThreadpoolController()
-    cpus = os.cpu_count() or 1
     for library, count in limits.items():  # (threadpool_limits' dict keys are user APIs or file prefixes)
-        if library == "openblas":
-            count = min(count, cpus)  # (as OpenBLAS itself reads its variable when it loads)
         controller.select(internal_api=library).limit(limits=count)
 
 
