@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -85,9 +86,13 @@ class Worker:
         send(self.call_fd, kind, ident, body, meta)
 
     def alive(self) -> bool:
+        """False once the process ended, or is ending: its sentinel is readable before the kernel makes it a
+        zombie that ``is_alive()`` (``waitpid``) can see."""
         try:
+            if multiprocessing.connection.wait([self.sentinel], 0):
+                return False
             return bool(self.process.is_alive())
-        except ValueError:  # closed
+        except (ValueError, OSError):  # closed
             return False
 
     def signal(self, signum: int) -> None:
@@ -175,11 +180,13 @@ class WarmPool:
     def take(self, key: object) -> tuple[Worker, bool] | None:
         """A live idle worker for an executor whose initializer is ``key``, and whether it must run it."""
         with self._lock:
-            dead = [w for _, w in self._idle if not w.alive()]  # (alive() collects a dead one's exit status)
+            dead = [w for _, w in self._idle if not w.alive()]
             if dead:
                 self._idle = [(t, w) for t, w in self._idle if w not in dead]
-                for worker in dead:
-                    worker.close()
+        for worker in dead:  # (outside the lock: collecting an ending process's status may wait a moment)
+            worker.close()
+            reap(worker.process)
+        with self._lock:
             for wanted in (key, None) if key is not None else (None,):
                 for i in range(len(self._idle) - 1, -1, -1):  # the most recently used first: its pages are warm
                     worker = self._idle[i][1]
