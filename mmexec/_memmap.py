@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -169,14 +170,37 @@ def layout_order(a: np.ndarray) -> str:
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
+def _contiguous_once_permuted(a: np.ndarray) -> bool:
+    """True when some order of ``a``'s axes makes it C-contiguous (a transpose of a contiguous array)."""
+    if any(step <= 0 for step in a.strides):
+        return False
+    return bool(a.transpose(np.argsort(a.strides, kind="stable")[::-1]).flags.c_contiguous)
+
+
+def _pickle_keeps_permuted() -> bool:
+    """Whether this NumPy pickles a transposed contiguous array as a buffer (NumPy 2: strides and byte order
+    kept) rather than through its values (NumPy 1: C order, native byte order)."""
+    probe = np.zeros((2, 3, 4), dtype=">i2").transpose(0, 2, 1)  # (neither C- nor F-contiguous)
+    return bool(pickle.loads(pickle.dumps(probe, protocol=5)).dtype == probe.dtype)
+
+
+_PICKLE_KEEPS_PERMUTED = _pickle_keeps_permuted()
+
+
 def pickles_native(a: np.ndarray) -> bool:
     """True when pickling gives ``a`` back in native byte order where ``a`` has another: NumPy pickles an array
-    through its values (not as a buffer) when it is neither C- nor F-contiguous, or of a datetime64 or
+    through its values (not as a buffer) when it is neither C- nor F-contiguous (nor, on NumPy 2, a transpose
+    of a contiguous array), or of a datetime64 or
     timedelta64 dtype, and a simple (not structured) dtype then comes back native. A dump of ``a`` is made of
     ``a.astype(native)`` then, so that the map path gives what pickling does. (An ``np.memmap`` is judged as
     the ndarray it stands for: a task's mapped argument is one where pickling would have given an ndarray.)"""
-    return (a.dtype.fields is None and not a.dtype.isnative
-            and (a.dtype.kind in "Mm" or not (a.flags.c_contiguous or a.flags.f_contiguous)))
+    if a.dtype.fields is not None or a.dtype.isnative:
+        return False
+    if a.dtype.kind in "Mm":
+        return True
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        return False
+    return not (_PICKLE_KEEPS_PERMUTED and _contiguous_once_permuted(a))
 
 
 def as_pickled(a: np.ndarray) -> np.ndarray:
