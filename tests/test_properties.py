@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mmexec import MemmapExecutor, Parallel, delayed, has_shareable_memory
+from mmexec._memmap import _contiguous_once_permuted, _pickle_keeps_permuted
 
 SETTINGS = {
     "deadline": None,
@@ -204,20 +205,17 @@ def has_padding(d: np.dtype) -> bool:
     return sum(f[0].itemsize for f in fields) != d.itemsize or any(has_padding(f[0]) for f in fields)
 
 
-def assert_same_dtype(got: np.dtype, expected: np.dtype, on_map_path: bool) -> np.dtype:
+def assert_same_dtype(got: np.dtype, expected: np.dtype) -> None:
     """``got`` is ``expected``, offsets, itemsize, alignment and byte order included (on the map path too:
-    NumPy pickles some arrays through their values, in native byte order, and the map path does the same):
-    the dtype to compare values in."""
+    NumPy pickles some arrays through their values, in native byte order, and the map path does the same)."""
     assert got == expected, (got, expected)
     assert dtype_tree(got) == dtype_tree(expected)
-    return expected
 
 
-def assert_same_values(got: np.ndarray, expected: np.ndarray, dtype: np.dtype) -> None:
+def assert_same_values(got: np.ndarray, expected: np.ndarray) -> None:
     """Equal bytes (each leaf field's; a structured dtype's padding is undefined in any copy), and equal values
     where bytes alone do not say it (NaNs)."""
-    if got.dtype != dtype:
-        got = got.astype(dtype)
+    dtype = expected.dtype
     assert leaf_bytes(got) == leaf_bytes(expected)
     if not has_padding(dtype):  # every byte defined: all of them
         assert got.tobytes() == expected.tobytes()
@@ -240,14 +238,19 @@ def raw_bytes(a: np.ndarray) -> bytes:
     return (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8).tobytes()
 
 
-def assert_as_pickle_gives(
-    got: Any, call: tuple[Any, ...], limit: int | None, strides: bool = True, result_by_map: bool = True,
-    padding: bool = True,
-) -> None:
+def transposed_layout_differs(x: np.ndarray, limit: int | None) -> bool:
+    """The known deviation of :func:`test_a_transposed_contiguous_argument_keeps_its_strides_as_pickle_does`: on
+    NumPy 2, pickling keeps the strides of ``x``, a transpose of a contiguous array, where the map path (an
+    argument or a result larger than ``limit``) gives C order."""
+    return (limit is not None and x.size > 0 and x.nbytes > limit and _pickle_keeps_permuted()
+            and not (x.flags.c_contiguous or x.flags.f_contiguous) and _contiguous_once_permuted(x))
+
+
+def assert_as_pickle_gives(got: Any, call: tuple[Any, ...], limit: int | None, result_by_map: bool = True) -> None:
     """``got``, the result of ``returned(*call)`` run by an executor with ``max_nbytes=limit``, is what pickling
-    gives: type, shape, dtype, values, strides (unless ``strides`` is false); a contiguous argument returned
-    comes back with every byte, a structured dtype's padding too (unless ``padding`` is false); and a large
-    argument arrived as a map, and a large result (with ``result_by_map``) too."""
+    gives: type, shape, dtype, values, strides; a contiguous argument returned comes back with every byte, a
+    structured dtype's padding too; and a large argument arrived as a map, and a large result (with
+    ``result_by_map``) too."""
     expected = through_a_pool(call)
     a, how = call[0], call[1]
     on_map_path = limit is not None and a.size > 0 and a.nbytes > limit
@@ -259,51 +262,42 @@ def assert_as_pickle_gives(
         assert got["shareable"] == on_map_path
         assert got["type"] is (np.memmap if on_map_path else np.ndarray)
         assert got["shape"] == expected["shape"]
-        dtype = assert_same_dtype(got["dtype"], expected["dtype"], on_map_path)
-        assert got["strides"] == expected["strides"]
-        if dtype == got["dtype"]:
-            assert got["bytes"] == expected["bytes"]
-        else:  # (the known byte-order deviation: the values, swapped back)
-            swapped = np.frombuffer(got["bytes"], got["dtype"]).astype(dtype)
-            assert leaf_bytes(swapped) == expected["bytes"]
+        assert_same_dtype(got["dtype"], expected["dtype"])
+        if not transposed_layout_differs(a, limit):
+            assert got["strides"] == expected["strides"]
+        assert got["bytes"] == expected["bytes"]
         return
     assert type(got) is np.ndarray and type(expected) is np.ndarray
     assert got.shape == expected.shape
-    dtype = assert_same_dtype(got.dtype, expected.dtype, on_map_path)
-    if strides:
+    assert_same_dtype(got.dtype, expected.dtype)
+    if not transposed_layout_differs(expected, limit):  # (what pickling gives: the argument's layout, or a view's)
         assert got.strides == expected.strides
-    assert_same_values(got, expected, dtype)
+    assert_same_values(got, expected)
     contiguous = a.flags.c_contiguous or a.flags.f_contiguous
-    if padding and how == "self" and contiguous and got.dtype == expected.dtype == a.dtype:
+    if how == "self" and contiguous and got.dtype == a.dtype:
         assert raw_bytes(got) == raw_bytes(expected) == raw_bytes(a)  # every byte, a structured dtype's padding too
     if limit is not None and result_by_map:
         assert has_shareable_memory(got) == (got.size > 0 and got.nbytes > limit), "a large result comes by map"
 
 
 # ---------------------------------------------------------------- fixtures
-def settle(ex: MemmapExecutor, request: pytest.FixtureRequest, failed: int) -> None:
-    """Once every example's arrays and results are gone, the executor holds no file (unless the test failed:
-    its failing example's arrays are still alive in the traceback).
-
-    One call without arrays first, pickled by the feeder thread (a batch always is): the feeder holds the last
-    call it pickled, so its result, until it pickles another (the known bug of
-    :func:`test_a_result_the_caller_dropped_is_not_held`).
-    """
-    if request.session.testsfailed == failed:
-        ex.submit_batch([(abs, (-1,), {})]).result(timeout=60)
-        assert live_dumps(ex) == []
+def checked_executor(request: pytest.FixtureRequest, **options: Any) -> Iterator[MemmapExecutor]:
+    """A 2-worker executor with ``options`` for one test; once every example's arrays and results are gone, it
+    holds no file (unless the test failed: its failing example's arrays are still alive in the traceback)."""
+    ex = MemmapExecutor(2, **options)
+    failed = request.session.testsfailed
+    try:
+        yield ex
+        if request.session.testsfailed == failed:
+            assert live_dumps(ex) == []
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture
 def ex0(request: pytest.FixtureRequest) -> Iterator[MemmapExecutor]:
     """Every non-empty array takes the memory-map path, both ways."""
-    ex = MemmapExecutor(2, max_nbytes=0)
-    failed = request.session.testsfailed
-    try:
-        yield ex
-        settle(ex, request, failed)
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    yield from checked_executor(request, max_nbytes=0)
 
 
 def run_calls(entry: str, runner: Any, items: list[tuple[Any, ...]], chunksize: int = 1) -> list[Any]:
@@ -349,25 +343,19 @@ def test_parallel_gives_what_pickle_gives(parallel0, items):
 
 @pytest.fixture
 def ex0_read_only(request: pytest.FixtureRequest) -> Iterator[MemmapExecutor]:
-    ex = MemmapExecutor(2, max_nbytes=0, mmap_mode="r")
-    failed = request.session.testsfailed
-    try:
-        yield ex
-        settle(ex, request, failed)
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    yield from checked_executor(request, max_nbytes=0, mmap_mode="r")
 
 
 @settings(max_examples=200, **SETTINGS)
 @given(items=call_lists(arrays()))
 def test_mmap_mode_r_gives_what_pickle_gives(ex0_read_only, items):
     """With ``mmap_mode='r'`` a task that returns its argument (or a view of it) gives a copy made from the
-    caller's own dump: the values, dtype and shape pickling gives; the strides too, but for a view, and the
-    padding bytes (the known deviations of :func:`test_view_of_a_read_only_mapped_argument_comes_back_as_pickle_gives`
-    and :func:`test_padding_of_a_read_only_mapped_argument_comes_back_as_pickle_gives`)."""
+    caller's own dump: the values, dtype, shape, strides and padding bytes pickling gives (see
+    :func:`test_view_of_a_read_only_mapped_argument_comes_back_as_pickle_gives` and
+    :func:`test_padding_of_a_read_only_mapped_argument_comes_back_as_pickle_gives`)."""
     for item, got in zip(items, run_calls("submit", ex0_read_only, items), strict=True):
         if item[1] in ("self", "view"):  # a copy of the caller's dump: not a map of its own
-            assert_as_pickle_gives(got, item, 0, strides=item[1] != "view", result_by_map=False, padding=False)
+            assert_as_pickle_gives(got, item, 0, result_by_map=False)
             assert not has_shareable_memory(got)
         else:
             assert_as_pickle_gives(got, item, 0)
@@ -396,13 +384,7 @@ def large_arrays(draw: st.DrawFn) -> np.ndarray:
 
 @pytest.fixture
 def ex_default(request: pytest.FixtureRequest) -> Iterator[MemmapExecutor]:
-    ex = MemmapExecutor(2)
-    failed = request.session.testsfailed
-    try:
-        yield ex
-        settle(ex, request, failed)
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    yield from checked_executor(request)
 
 
 @settings(max_examples=50, **SETTINGS)
@@ -517,7 +499,8 @@ def assert_same_objects(got: Any, expected: Any) -> None:
             assert_same_objects(g, e)
     elif isinstance(got, np.ndarray):  # an array inside an object array: took the map path itself
         assert (got.shape, got.strides) == (expected.shape, expected.strides)
-        assert_same_values(got, expected, assert_same_dtype(got.dtype, expected.dtype, got.size > 0))
+        assert_same_dtype(got.dtype, expected.dtype)
+        assert_same_values(got, expected)
     elif isinstance(got, tuple):
         assert len(got) == len(expected)
         for g, e in zip(got, expected, strict=True):
@@ -592,3 +575,17 @@ def test_a_result_the_caller_dropped_is_not_held():
         assert has_shareable_memory(out[0])
         del out
         assert live_dumps(ex) == []
+
+
+@pytest.mark.xfail(_pickle_keeps_permuted(), strict=True, reason=(
+    "on NumPy 2, pickling keeps the strides of a transpose of a contiguous array (it pickles the buffer); the "
+    "map path dumps it in C order, so the task and the result get C strides"
+))
+def test_a_transposed_contiguous_argument_keeps_its_strides_as_pickle_does():
+    """``np.arange(24).reshape(2, 3, 4).transpose(0, 2, 1)``: neither C- nor F-contiguous; NumPy 2 pickles it
+    with strides (24, 2, 8), NumPy 1 in C order."""
+    a = np.arange(24, dtype=np.int16).reshape(2, 3, 4).transpose(0, 2, 1)
+    with MemmapExecutor(1, max_nbytes=0) as ex:
+        got = ex.submit(identity, a).result(timeout=60)
+    assert got.tolist() == a.tolist()
+    assert got.strides == pickled(a).strides
