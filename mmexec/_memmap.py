@@ -41,6 +41,7 @@ __all__ = [
     "read_array",
     "read_blob",
     "same_bytes",
+    "same_bytes_in",
     "write_array",
 ]
 
@@ -260,6 +261,16 @@ def same_bytes(a: np.ndarray, flat: np.ndarray) -> bool:
             return False
         pos += n
     return pos == flat.size
+
+
+def same_bytes_in(a: np.ndarray, flat: np.ndarray, ranges: list[tuple[int, int]]) -> bool:
+    """True when ``a``'s bytes equal ``flat``'s within each ``(start, end)`` byte range; ``a`` is contiguous
+    (C or F) and ``flat`` the file :func:`write_array` wrote for it, which holds its memory byte for byte."""
+    at, base = address_of(a), address_of(flat)
+    for lo, hi in ranges:
+        if hi > flat.size or (hi > lo and _libc_memcmp(at + lo, base + lo, hi - lo) != 0):
+            return False
+    return True
 
 
 def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._housekeeper import HOUSEKEEPER
 
@@ -44,6 +44,13 @@ SPARE_LIMIT = 2**30
 SPARE_COUNT = 64
 
 
+class Content(Protocol):
+    """What a kept dump holds (the store's record of a live array's dump)."""
+
+    def discard(self) -> None:
+        """It will not be adopted: let go of what it keeps (its map, its watch)."""
+
+
 @dataclass(eq=False)
 class Spare:
     """A freed dump: its descriptor, the path tasks open, its size, and when it was freed."""
@@ -53,7 +60,17 @@ class Spare:
     capacity: int
     where: str  # the temp folder it was made in: reused only for dumps bound there
     released: float
-    content: Any = None  # what it holds, for :meth:`SparePool.adopt` (the store's record of a live array's dump)
+    content: Content | None = None  # what it holds, for :meth:`SparePool.adopt`
+
+    def close(self) -> None:
+        """Free the file (outside the pool's lock)."""
+        self.forget_content()
+        os.close(self.fd)
+
+    def forget_content(self) -> None:
+        content, self.content = self.content, None
+        if content is not None:
+            content.discard()
 
 
 class SparePool:
@@ -68,7 +85,7 @@ class SparePool:
         self._timer_set = False
         self._closed = False
 
-    def put(self, fd: int, path: str, capacity: int, where: str, content: Any = None) -> bool:
+    def put(self, fd: int, path: str, capacity: int, where: str, content: Content | None = None) -> bool:
         """Keep a freed dump (``content``: what it holds, if it may be adopted as it is); False (and the caller
         closes it) when over the limits."""
         with self._lock:
@@ -92,7 +109,7 @@ class SparePool:
                 return None
             best = min(fits, key=lambda s: s.capacity)
             self._items.remove(best)
-        best.content = None  # (its pages are about to hold something else)
+        best.forget_content()  # (its pages are about to hold something else)
         return best
 
     def adopt(self, where: str, claim: Callable[[Any], bool]) -> Spare | None:
@@ -111,7 +128,7 @@ class SparePool:
             items = [s for s in self._items if where is None or s.where == where]
             self._items = [s for s in self._items if s not in items]
         for spare in items:
-            os.close(spare.fd)
+            spare.close()
         return len(items)
 
     def after_fork_in_child(self) -> None:
@@ -139,7 +156,7 @@ class SparePool:
             oldest = min((s.released for s in self._items), default=None)
             self._timer_set = oldest is not None
         for spare in expired:
-            os.close(spare.fd)
+            spare.close()
         if oldest is not None:
             HOUSEKEEPER.call_later(max(0.0, oldest + self.ttl - now), self._expire)
 

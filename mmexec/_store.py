@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._dirty import TRACKER, Watch
 from ._errors import TempFolderError
 from ._files import FILES, UNKNOWN_IDENTITY, from_any_process, identity
 from ._housekeeper import HOUSEKEEPER, drain
@@ -64,6 +65,7 @@ from ._memmap import (
     pickles_native,
     read_array,
     same_bytes,
+    same_bytes_in,
     write_array,
 )
 from ._options import SHM_FOLDER, fallback_temp_folder, resolve_temp_folder
@@ -150,7 +152,27 @@ class _Dump:
     wref: weakref.ref[np.ndarray]
     path: str
     ref: ArrayRef
-    flat: np.ndarray | None = None
+    flat: np.ndarray | None = None  # the file's bytes, mapped once compared
+    # Change detection (``_dirty``): ``proven`` once a byte comparison found the array unchanged since it was
+    # dumped; ``watch`` once its pages are then write-protected (later checks compare only the pages written);
+    # ``drops``: watches undone because the array had changed (at _MAX_DROPS it is not watched again).
+    proven: bool = False
+    watch: Watch | None = None
+    drops: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
+
+    def discard(self) -> None:
+        """This dump no longer stands for its array: let go of its map and its watch (the file is released by
+        the store)."""
+        self.flat = None
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.stop()
+
+
+#: Watches undone because an array had changed, after which it is compared by bytes for good: an array
+#: rewritten between hand-overs would pay a fault per page on every rewrite, more than a comparison costs.
+_MAX_DROPS = 2
 
 
 class MemmapStore:
@@ -286,6 +308,8 @@ class MemmapStore:
                 and self._spares.put(record.fd, path, *record.reuse, content=content)
             )  # (after shutdown, a chosen folder keeps nothing: it may be unmounted)
         _DESCRIPTORS.add(-1)
+        if not kept and content is not None:
+            content.discard()
         if record.fd < 0:
             unlink_quietly(path)
         elif not kept:
@@ -384,17 +408,18 @@ class MemmapStore:
         spare = self._spares.adopt(self._base, lambda held: held.key == key and held.wref() is a)
         if spare is None:
             return None
-        old: _Dump = spare.content
+        old = spare.content
         spare.content = None
-        if not self._still_valid(old, a, Session()):  # (always the bytes: ``session`` may have checked ``a``
+        assert isinstance(old, _Dump)
+        if not self._still_valid(old, a, Session()):  # (always a check: ``session`` may have checked ``a``
             # against another dump of it)
-            old.flat = None
+            old.discard()
             if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
                 os.close(spare.fd)  # (its pages may still serve the new dump, as any spare's)
             return None
         session.checked.add(key)
         self._register(spare.path, _File(spare.fd, 2, 0, (spare.capacity, spare.where)))
-        return self._record_dump(a, spare.path, old.flat)
+        return self._record_dump(a, spare.path, old)
 
     def _still_valid(self, dump: _Dump, a: np.ndarray, session: Session) -> bool:
         """True when ``a`` is unchanged since it was dumped: its layout every time, its bytes once per session.
@@ -408,27 +433,68 @@ class MemmapStore:
             return False
         if dump.key in session.checked:
             return True
-        if dump.flat is None:
-            dump.flat = open_whole(dump.path, "r")[: dump.ref.dtype.itemsize * _size(dump.ref.shape)]
-        if not same_bytes(a, dump.flat):
-            return False
+        with dump.lock:
+            if dump.flat is None:
+                dump.flat = open_whole(dump.path, "r")[: dump.ref.dtype.itemsize * _size(dump.ref.shape)]
+            if not self._same_bytes(dump, a):
+                return False
         session.checked.add(dump.key)
+        return True
+
+    def _same_bytes(self, dump: _Dump, a: np.ndarray) -> bool:
+        """True when ``a``'s bytes equal its dump's: where its pages are watched, only those written since the
+        last check (and its partial head and tail pages), else every byte (under ``dump.lock``).
+
+        An array found unchanged once by bytes is watched from its next check
+        on; the watch is set before that comparison, so a write made during it
+        shows in the next scan. A watch sees writes to the array only, so
+        none is used where tasks may write the dump (``mmap_mode`` ``'r+'`` or
+        ``'w+'``).
+        """
+        watch, flat = dump.watch, dump.flat
+        assert flat is not None
+        writable = self.mmap_mode in ("r+", "w+")
+        if watch is not None and writable:  # (adopted from an executor whose tasks could not write it)
+            dump.watch = None
+            watch.stop()
+        elif watch is not None:
+            ranges = watch.dirty()  # (the pages it lists are protected again: this check must conclude)
+            dump.watch = None
+            if ranges is not None and same_bytes_in(a, flat, ranges):
+                dump.watch = watch
+                return True
+            watch.stop()
+            if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
+                dump.drops += 1
+                return False
+        new = TRACKER.watch(a) if dump.proven and dump.drops < _MAX_DROPS and not writable else None
+        if not same_bytes(a, flat):
+            if new is not None:
+                new.stop()
+            return False
+        dump.proven, dump.watch = True, new
         return True
 
     def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
         return self._record_dump(a, self._write(a, users))  # held by the array (and the task that dumps it)
 
-    def _record_dump(self, a: np.ndarray, ref_path: str, flat: np.ndarray | None = None) -> _Dump:
-        """Remember that the file at ``ref_path`` holds ``a``'s bytes, for as long as ``a`` lives."""
+    def _record_dump(self, a: np.ndarray, ref_path: str, adopted: _Dump | None = None) -> _Dump:
+        """Remember that the file at ``ref_path`` holds ``a``'s bytes, for as long as ``a`` lives (``adopted``:
+        the dump another executor left of it, checked: its map and watch carry over)."""
         ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
         key = id(a)
-        dump = _Dump(key, None, ref_path, ref, flat)  # type: ignore[arg-type]
+        dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
+        if adopted is not None:
+            dump.flat, dump.proven, dump.watch, dump.drops = adopted.flat, adopted.proven, adopted.watch, adopted.drops
+            adopted.flat = adopted.watch = None
         dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
         with self._lock:
             old = self._dumps.get(key)
             self._dumps[key] = dump
         if old is not None:
-            old.flat = None
+            if old.wref() is a:  # (a new dump of a changed array: how often it changed counts on)
+                dump.drops = max(dump.drops, old.drops)
+            old.discard()
             self.release(old.path)
         return dump
 
@@ -626,7 +692,7 @@ class MemmapStore:
                 if old.wref() is not None:
                     live[old.path] = old
                 else:
-                    old.flat = None
+                    old.discard()
             self._dumps.clear()
             lent, self._lent = list(self._lent.values()), {}
             for spare in lent:

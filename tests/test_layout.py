@@ -12,7 +12,7 @@ import mmexec
 #: first: each may import, at its top, only modules before it (a later one only inside a function, lazily).
 ORDER = [
     "_errors", "_compat", "_records", "_wire", "_options", "_exit", "_housekeeper",  # utilities
-    "_tempfolder", "_memmap", "_spares", "_files", "_store",  # arrays <-> files, and who holds them
+    "_tempfolder", "_memmap", "_dirty", "_spares", "_files", "_store",  # arrays <-> files, and who holds them
     "_pickler",  # the reducer: calls out, results in
     "_bootstrap", "_worker",  # the worker process
     "_pool",  # worker processes and the warm pool

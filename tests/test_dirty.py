@@ -1,0 +1,451 @@
+"""An array passed again is reused only if unchanged: every kind of write is seen, watched or compared by bytes.
+
+The store watches an array's pages (``mmexec._dirty``: userfaultfd write-protect
+and PAGEMAP_SCAN) once a byte comparison has found it unchanged, and then
+compares only the pages written since. Each test runs on that path and on the
+fallbacks (tracking turned off by the environment variable; the range already
+watched by another userfaultfd, ``EBUSY``; no userfaultfd at all), and checks
+what a task would read: the dump the store hands out must hold the array's
+bytes after every kind of write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import mmexec._dirty as dirty
+import mmexec._store as store_module
+from mmexec import MemmapExecutor, Parallel, delayed
+from mmexec._memmap import open_ref
+from mmexec._spares import SPARES
+from mmexec._store import Holds, MemmapStore, Session
+
+N = dirty.MIN_BYTES // 8 + 1000  # float64 elements: just over the smallest watched size
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+MADV_DONTNEED = 4
+
+TRACKING = dirty.TRACKER.available()
+needs_tracking = pytest.mark.skipif(not TRACKING, reason=f"no dirty-page tracking here: {dirty.TRACKER.reason}")
+
+
+def address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def whole_pages(a: np.ndarray) -> tuple[int, int]:
+    """The byte offsets, in ``a``, of its first and last whole page (the watched span)."""
+    start = -(-address(a) // PAGE) * PAGE - address(a)
+    end = (address(a) + a.nbytes) // PAGE * PAGE - address(a)
+    return start, end
+
+
+class Harness:
+    """One store; ``hand_over`` passes the array as a task would and returns the bytes the task would read."""
+
+    def __init__(self, mmap_mode: str = "r") -> None:
+        self.store = MemmapStore(max_nbytes=2**20, mmap_mode=mmap_mode)
+
+    def hand_over(self, a: np.ndarray) -> bytes:
+        holds = Holds(Session())
+        try:
+            ref = self.store.ref_for(a, holds)
+            assert ref is not None
+            return open_ref(ref).tobytes()
+        finally:
+            holds.release()
+
+    def watch_of(self, a: np.ndarray) -> dirty.Watch | None:
+        return self.store._dumps[id(a)].watch
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+def ready(h: Harness, a: np.ndarray) -> None:
+    """Three hand-overs: dumped, found unchanged by bytes, then watched (where the path allows)."""
+    for _ in range(3):
+        assert h.hand_over(a) == a.tobytes()
+
+
+# ----------------------------------------------------------------- the paths
+PATHS = ["watched", "off", "busy", "unsupported"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[np.ndarray], None]]:
+    """Puts a fresh array on one path, and after ``ready`` checks that it is on that path."""
+    name = request.param
+    other: list[dirty.Tracker] = []
+    if name == "watched" and not TRACKING:
+        pytest.skip(f"no dirty-page tracking here: {dirty.TRACKER.reason}")
+    if name == "off":
+        monkeypatch.setenv(dirty.ENV_SWITCH, "0")
+    if name == "unsupported":
+        monkeypatch.setattr(dirty, "_SYS_USERFAULTFD", None)
+        monkeypatch.setattr(store_module, "TRACKER", dirty.Tracker())
+
+    def prepare(a: np.ndarray) -> None:
+        if name == "busy":
+            if not TRACKING:
+                pytest.skip(f"no dirty-page tracking here: {dirty.TRACKER.reason}")
+            other.append(dirty.Tracker())  # another userfaultfd (another library, a debugger) watches it first
+            assert other[-1].watch(a) is not None
+
+    prepare.name = name  # type: ignore[attr-defined]
+    yield prepare
+    for tracker in other:
+        for watch in tracker._watches:
+            watch.stop()
+        os.close(tracker.uffd)
+
+
+def on_path(h: Harness, a: np.ndarray, name: str) -> None:
+    ready(h, a)
+    watch = h.watch_of(a)
+    assert (watch is not None) == (name == "watched"), name
+
+
+# ----------------------------------------------------------------- every kind of write
+def write_element(a: np.ndarray) -> None:
+    a[len(a) // 2] = -1.0
+
+
+def write_view(a: np.ndarray) -> None:
+    view = a[1000:3000:3]
+    view[:] = -2.0
+
+
+def write_ufunc_out(a: np.ndarray) -> None:
+    part = a[len(a) // 3 : len(a) // 3 + 5000]
+    np.add(part, 1.0, out=part)
+
+
+def write_memset(a: np.ndarray) -> None:
+    ctypes.memset(address(a) + a.nbytes // 2 + 123, 0xAB, 77)
+
+
+def write_readinto(a: np.ndarray, tmp_path: os.PathLike[str]) -> None:
+    """A kernel write: read(2) into the array's memory."""
+    name = os.path.join(os.fspath(tmp_path), "payload")
+    with open(name, "wb") as f:
+        f.write(os.urandom(3 * PAGE + 100))
+    with open(name, "rb", buffering=0) as f:
+        target = memoryview(a.view(np.uint8))[a.nbytes // 4 + 5 : a.nbytes // 4 + 5 + 3 * PAGE + 100]
+        assert f.readinto(target) == 3 * PAGE + 100  # type: ignore[attr-defined]
+
+
+def write_uint8_view(a: np.ndarray) -> None:
+    a.view(np.uint8)[a.nbytes - a.nbytes // 5] ^= 0xFF
+
+
+def write_madv_dontneed(a: np.ndarray) -> None:
+    """The kernel drops pages: they read back as zeros."""
+    start, _ = whole_pages(a)
+    at = address(a) + start + 10 * PAGE
+    assert _libc.madvise(at, 4 * PAGE, MADV_DONTNEED) == 0, os.strerror(ctypes.get_errno())
+
+
+def write_head_partial_page(a: np.ndarray) -> None:
+    start, _ = whole_pages(a)
+    a.view(np.uint8)[max(0, start - 1)] ^= 0x01  # the last byte before the first whole page (or the first byte)
+
+
+def write_tail_partial_page(a: np.ndarray) -> None:
+    a[-1] = -3.0
+
+
+def write_span_edges(a: np.ndarray) -> None:
+    start, end = whole_pages(a)
+    raw = a.view(np.uint8)
+    raw[start] ^= 0x01  # the first and last byte of the watched span
+    raw[end - 1] ^= 0x01
+
+
+def write_from_another_thread(a: np.ndarray) -> None:
+    t = threading.Thread(target=np.copyto, args=(a[len(a) // 2 : len(a) // 2 + 50_000], 7.5))
+    t.start()
+    t.join()
+
+
+def write_sort(a: np.ndarray) -> None:
+    a[len(a) // 2 : len(a) // 2 + 2 * PAGE].sort()
+
+
+WRITES = {
+    "element": write_element,
+    "view": write_view,
+    "ufunc-out": write_ufunc_out,
+    "memset": write_memset,
+    "readinto": write_readinto,
+    "uint8-view": write_uint8_view,
+    "madv-dontneed": write_madv_dontneed,
+    "head-partial-page": write_head_partial_page,
+    "tail-partial-page": write_tail_partial_page,
+    "span-edges": write_span_edges,
+    "another-thread": write_from_another_thread,
+    "sort": write_sort,
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITES))
+def test_every_kind_of_write_is_seen(harness, path, kind, tmp_path):
+    a = np.random.default_rng(1).random(N)
+    path(a)
+    on_path(harness, a, path.name)
+    before = a.tobytes()
+    write = WRITES[kind]
+    write(a, tmp_path) if kind == "readinto" else write(a)
+    assert a.tobytes() != before, "the write changed nothing: the test would prove nothing"
+    assert harness.hand_over(a) == a.tobytes()
+    assert harness.hand_over(a) == a.tobytes()  # (and again, unchanged since)
+
+
+def test_a_write_of_the_same_bytes_keeps_the_dump_and_its_watch(harness, path, monkeypatch):
+    writes: list[int] = []
+    real = store_module.write_array
+    monkeypatch.setattr(store_module, "write_array", lambda *args, **kw: writes.append(1) or real(*args, **kw))
+    a = np.random.default_rng(2).random(N)
+    path(a)
+    on_path(harness, a, path.name)
+    a[100:200_000] = a[100:200_000].copy()  # every page of it written, no byte changed
+    assert harness.hand_over(a) == a.tobytes()
+    assert len(writes) == 1
+    assert (harness.watch_of(a) is not None) == (path.name == "watched")
+
+
+def test_a_forked_child_writing_its_copy_leaves_the_parents_dump_valid(harness, path):
+    a = np.random.default_rng(3).random(N)
+    path(a)
+    on_path(harness, a, path.name)
+    before = a.tobytes()
+    pid = fork_quietly()
+    if pid == 0:  # the child: write its own copy, and leave at once
+        a[:] = 0.0
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert a.tobytes() == before
+    assert harness.hand_over(a) == before
+    assert (harness.watch_of(a) is not None) == (path.name == "watched")
+
+
+def test_the_parent_writing_after_a_fork_is_seen(harness, path):
+    """The pages are shared copy-on-write with a live child when the parent writes them."""
+    a = np.random.default_rng(4).random(N)
+    path(a)
+    on_path(harness, a, path.name)
+    r, w = os.pipe()
+    pid = fork_quietly()
+    if pid == 0:  # the child: hold the pages shared until the parent has written
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        a[PAGE : 3 * PAGE] = -5.0
+        assert harness.hand_over(a) == a.tobytes()
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def fork_quietly() -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (multi-threaded fork: the child only writes and exits)
+        return os.fork()
+
+
+# ----------------------------------------------------------------- when a watch is set, kept and undone
+@needs_tracking
+def test_only_an_array_found_unchanged_by_bytes_is_watched(harness):
+    a = np.random.default_rng(5).random(N)
+    for k in range(4):  # rewritten before every hand-over: never watched (its rewrites cost no fault)
+        a[k] = -float(k)
+        assert harness.hand_over(a) == a.tobytes()
+        assert harness.watch_of(a) is None
+    harness.hand_over(a)  # found unchanged by bytes
+    assert harness.watch_of(a) is None
+    harness.hand_over(a)
+    assert harness.watch_of(a) is not None
+
+
+@needs_tracking
+def test_an_array_that_keeps_changing_after_it_was_watched_stops_being_watched(harness):
+    a = np.random.default_rng(6).random(N)
+    for drop in range(store_module._MAX_DROPS):
+        ready(harness, a)
+        watch = harness.watch_of(a)
+        assert watch is not None
+        a[drop] = 42.0
+        assert harness.hand_over(a) == a.tobytes()
+        assert harness.watch_of(a) is None and not watch.alive
+    for _ in range(5):
+        assert harness.hand_over(a) == a.tobytes()
+        assert harness.watch_of(a) is None
+
+
+@needs_tracking
+def test_a_watch_is_undone_when_the_array_is_freed_and_its_memory_can_be_watched_again(harness):
+    a = np.random.default_rng(7).random(N)
+    ready(harness, a)
+    watch = harness.watch_of(a)
+    assert watch is not None
+    del a
+    assert not watch.alive
+    b = np.random.default_rng(8).random(N)  # (often at the same address)
+    ready(harness, b)
+    assert harness.watch_of(b) is not None
+
+
+@needs_tracking
+def test_one_memory_is_watched_once_and_every_store_sees_its_writes():
+    """Two executors at once, each with a dump of the same array: a scan for one would clear what the other has
+    yet to see, so the second compares bytes."""
+    one, two = Harness(), Harness()
+    try:
+        a = np.random.default_rng(9).random(N)
+        ready(one, a)
+        ready(two, a)
+        assert one.watch_of(a) is not None and two.watch_of(a) is None
+        a[12345] = -1.0
+        assert one.hand_over(a) == a.tobytes()
+        assert two.hand_over(a) == a.tobytes()
+    finally:
+        one.close()
+        two.close()
+
+
+@needs_tracking
+def test_a_failed_scan_falls_back_to_comparing_bytes(harness, monkeypatch):
+    a = np.random.default_rng(10).random(N)
+    ready(harness, a)
+    watch = harness.watch_of(a)
+    assert watch is not None
+    monkeypatch.setattr(dirty.TRACKER, "scan", lambda start, end: None)  # (as after EPERM)
+    a[N // 2] = -1.0
+    assert harness.hand_over(a) == a.tobytes()
+    assert not watch.alive
+
+
+@needs_tracking
+def test_with_a_writable_mmap_mode_the_dump_is_compared_by_bytes():
+    """Tasks may write the dump then, which no watch of the array sees."""
+    h = Harness(mmap_mode="r+")
+    try:
+        a = np.random.default_rng(11).random(N)
+        ready(h, a)
+        assert h.watch_of(a) is None
+    finally:
+        h.close()
+
+
+@needs_tracking
+def test_shared_memory_is_compared_by_bytes_and_the_log_says_why(harness, caplog):
+    """A write through another map of a shared mapping would not be seen by a watch."""
+    region = mmap.mmap(-1, N * 8)
+    a = np.frombuffer(region, dtype=np.float64)
+    with caplog.at_level(logging.DEBUG, logger="mmexec"):
+        ready(harness, a)
+    assert harness.watch_of(a) is None
+    assert "compared by bytes" in caplog.text
+    a[7] = -1.0
+    assert harness.hand_over(a) == a.tobytes()
+    harness.close()
+    del a
+    region.close()
+
+
+def test_an_unsupported_system_says_why_in_the_debug_log(caplog, monkeypatch):
+    monkeypatch.setattr(dirty, "_SYS_USERFAULTFD", None)
+    tracker = dirty.Tracker()
+    with caplog.at_level(logging.DEBUG, logger="mmexec"):
+        assert not tracker.available()
+    assert "comparing bytes instead" in caplog.text and tracker.reason
+
+
+@needs_tracking
+def test_a_watch_moves_with_the_dump_to_the_next_executor(count_writes):
+    """Fresh executors (fresh Parallel calls) adopt the dump an unchanged array left, watch included."""
+    a = np.random.default_rng(12).random(N)
+    watches = []
+    for _ in range(4):
+        with MemmapExecutor(2) as ex:
+            assert ex.submit(np.sum, a).result() == a.sum()
+            watches.append(ex._store._dumps[id(a)].watch)
+    assert len(count_writes) == 1
+    assert watches[:2] == [None, None] and watches[2] is not None and watches[3] is watches[2]
+    assert watches[2].alive  # (kept with the dump among the spares)
+    a[N // 3] = 1e9
+    assert Parallel(n_jobs=2)(delayed(np.sum)(a) for _ in range(2)) == [a.sum()] * 2
+    assert not watches[2].alive and len(count_writes) == 2
+
+
+@needs_tracking
+def test_a_dropped_spare_lets_go_of_its_dumps_watch():
+    a = np.random.default_rng(14).random(N)
+    for _ in range(3):
+        with MemmapExecutor(1) as ex:
+            ex.submit(np.sum, a).result()
+            watch = ex._store._dumps[id(a)].watch
+    assert watch is not None and watch.alive
+    SPARES.drop()
+    assert not watch.alive
+
+
+@pytest.fixture
+def count_writes(monkeypatch):
+    writes: list[int] = []
+    real = store_module.write_array
+    monkeypatch.setattr(store_module, "write_array", lambda *args, **kw: writes.append(1) or real(*args, **kw))
+    return writes
+
+
+def test_tasks_see_every_write_between_map_calls():
+    """End to end, whichever path this machine takes."""
+    a = np.zeros(N)
+    with MemmapExecutor(2) as ex:
+        for k in range(6):
+            if k >= 3:
+                a[k * 1000] = float(k)  # (once watched, where watching is possible)
+            assert list(ex.map(np.sum, [a, a])) == [a.sum()] * 2
+
+
+def test_after_a_fork_the_child_watches_its_own_arrays():
+    if not TRACKING:
+        pytest.skip(f"no dirty-page tracking here: {dirty.TRACKER.reason}")
+    r, w = os.pipe()
+    pid = fork_quietly()
+    if pid == 0:
+        ok = 0
+        try:
+            ok = dirty.TRACKER.uffd == -1 and dirty.TRACKER.available() and dirty.TRACKER.uffd >= 0
+            a = np.random.default_rng(13).random(N)
+            watch = dirty.TRACKER.watch(a)
+            ok = ok and watch is not None and watch.dirty() is not None
+            a[N // 2] = 0.0
+            d = watch.dirty() if watch is not None else None
+            ok = ok and d is not None and any(lo <= (N // 2) * 8 < hi for lo, hi in d)
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    os.waitpid(pid, 0)
