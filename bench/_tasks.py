@@ -65,3 +65,19 @@ def tiny(i: int) -> int:
 def echo_bytes(b: bytes) -> bytes:
     """T3: a new ``bytes`` of the same size: the payload with its first byte incremented (one copy)."""
     return b"".join((bytes(((b[0] + 1) % 256,)), memoryview(b)[1:]))
+
+
+_ARENA: np.ndarray | None = None
+
+
+def open_arena(path: str) -> None:
+    """U1's floor: map the array's file once per worker and fault every page in (the initializer)."""
+    global _ARENA
+    _ARENA = np.memmap(path, dtype=np.float64, mode="r")
+    float(_ARENA.sum())
+
+
+def sum_arena_slice(i: int, n: int) -> float:
+    """U1's floor: :func:`sum_slice` on the array the worker already maps (nothing travels but ``i``)."""
+    assert _ARENA is not None
+    return sum_slice(_ARENA, i, n)

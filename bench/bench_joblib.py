@@ -26,18 +26,12 @@ import mmexec
 
 from . import _tasks
 from .bench_transfer import close
-from .conftest import WORKERS, Bench, Runner
+from .conftest import WORKERS, Bench, labelled
 
 #: P1: rows x columns of float64 (160 MB) and calls per Parallel call.
 P1_SHAPE, P1_CALLS = (20_000, 1_000), 8
 #: J1: samples x features of float64 (160 MB), the grid and the folds.
 J1_SHAPE, J1_ALPHAS, J1_FOLDS = (100_000, 200), (0.1, 1.0, 10.0, 100.0), 3
-
-
-def _runner(key: str, label: str) -> Runner:
-    runner = Runner(key)
-    runner.label = label
-    return runner
 
 
 # ------------------------------------------------------------------------------- P1
@@ -79,7 +73,7 @@ def test_P1(bench: Bench, p1_parallel: tuple[str, Any], p1_array: np.ndarray) ->
     def check(out: list[float], a: np.ndarray) -> None:
         assert close(sum(out), float(a.sum()))
 
-    bench("P1", _runner(key, P1_ROWS[key]), call, setup=lambda k: (p1_array,), check=check,
+    bench("P1", labelled(key, P1_ROWS[key]), call, setup=lambda k: (p1_array,), check=check,
           ref_bytes=p1_array.nbytes, warmup=1, rounds=7)
 
 
@@ -118,5 +112,5 @@ def test_J1(bench: Bench, key: str, j1_data: tuple[np.ndarray, np.ndarray]) -> N
     def check(scores: np.ndarray) -> None:
         assert scores.shape == (len(J1_ALPHAS),) and np.all(scores > 0.9)
 
-    bench("J1", _runner(key, label), call, check=check, ref_bytes=X.nbytes, warmup=1, rounds=3,
+    bench("J1", labelled(key, label), call, check=check, ref_bytes=X.nbytes, warmup=1, rounds=3,
           fits=len(J1_ALPHAS) * J1_FOLDS)

@@ -271,7 +271,7 @@ class Runner:
         chunksize: int | None = None,
     ) -> None:
         self.key = key
-        self.label = CONTENDERS[key]
+        self.label = CONTENDERS.get(key, key)
         self.executor = executor
         self.parallel = parallel
         self.use_map = use_map
@@ -320,6 +320,13 @@ class Runner:
     def prime(self) -> None:
         """Start the workers and import numpy in them (several tasks, so every worker gets one)."""
         assert self.run(_tasks.prime, [(i,) for i in range(4 * WORKERS)])[-1] == 6 + 4 * WORKERS - 1
+
+
+def labelled(key: str, label: str) -> Runner:
+    """A row of its own (no pool): ``key`` for the report, ``label`` for its table."""
+    runner = Runner(key)
+    runner.label = label
+    return runner
 
 
 def _parallel_of(module: Any) -> tuple[Any, Any] | None:

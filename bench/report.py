@@ -32,6 +32,10 @@ WORKLOADS = {
     "P1": "P1: repeated Parallel calls on one unchanged 160 MB array (8 calls each): fresh calls against calls in "
     "one with-block",
     "J1": "J1: scikit-learn GridSearchCV(Ridge(), 4 alphas, cv=3, refit=False) on a 160 MB X, per joblib backend",
+    "U1": "U1: S1's 64 tasks through one MemmapExecutor.map on one unchanged 200 MB array, the same object every "
+    "round: dirty pages, every byte, a memmap argument, the floor",
+    "U2": "U2: the caller's in-place rewrite (a += 1.0) of a 200 MB array handed to a map before it, against one "
+    "never handed over",
     "T1": "T1: {tasks:,} x submit(tiny, i), then every result in order",
     "T2": "T2: list(map(tiny, range({tasks:,}))), default arguments",
     "T3": "T3: {tasks} bytes payloads of {payload_bytes:MiB} each, each sent to a task that returns a new bytes "
@@ -114,6 +118,11 @@ TARGETS = [
            lambda r, g: None if r.contender == "mmexec" else _vs("mmexec", 1.3)(r, g)),
     Target("J1", "GridSearchCV on the 'mmexec' joblib backend <= joblib's default backend", "<=joblib default",
            _vs("joblib", 1.0)),
+    Target("U1", "an unchanged array <= 1.15x an np.memmap argument", "<=1.15x memmap arg",
+           _vs("mmexec-memmap", 1.15)),
+    Target("U1", "an unchanged array <= 1.2x the floor", "<=1.2x floor", _vs("mmexec-floor", 1.2)),
+    Target("U2", "the caller's rewrite of a handed array <= 1.5x that of an untouched one", "<=1.5x untouched",
+           _vs("untouched", 1.5)),
 ]
 
 
