@@ -15,9 +15,11 @@ Who owns what:
 
 * The caller owns its arrays. The store keeps one scattered future per live
   array object and drops it when the array is garbage collected, when its
-  content changed (a SHA-1 of its bytes, once per submit / per map or
-  Parallel call), or at ``shutdown()``; dask then frees the data as soon as no
-  task needs it.
+  content changed (SHA-1s of its bytes in 8 MiB blocks, once per submit / per
+  map or Parallel call; once they found it unchanged, its pages are watched,
+  ``_dirty``, and only the blocks holding pages written since are hashed
+  again), or at ``shutdown()``; dask then frees the data as soon as no task
+  needs it.
 * A task holds its scattered inputs as dask dependencies (the futures are
   top-level arguments of ``_run``, which dask resolves on the worker), so
   dropping the store's future never pulls data from under a queued task.
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 import numpy as np
 
 from ._base import ExecutorBase, batch_pickling_error
+from ._dirty import MAX_DROPS, TRACKER, Watch
 from ._errors import AbortedError, LocalMemmapError
 from ._housekeeper import HOUSEKEEPER
 from ._memmap import _contiguous_blocks, backing_memmap
@@ -115,30 +118,103 @@ class _Scattered:
     wref: weakref.ref[np.ndarray]
     future: Any
     signature: tuple[Any, ...]
+    # Change detection, as the memmap store's (``_store._Dump``): ``proven`` once a hash found the array
+    # unchanged; then ``watch``, with ``edges``: the bytes of its partial head and tail pages when it was set.
+    proven: bool = False
+    watch: Watch | None = None
+    edges: list[bytes] = field(default_factory=list)
+    drops: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
+
+    def stop_watch(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.stop()
+
+
+_DIGEST = hashlib.sha1().digest_size
 
 
 def _sha1(block: np.ndarray) -> bytes:
     return hashlib.sha1(block.data, usedforsecurity=False).digest()
 
 
+def _memory(a: np.ndarray) -> np.ndarray:
+    """A contiguous array's memory as uint8, in address order."""
+    return (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)
+
+
 def _signature(a: np.ndarray) -> tuple[Any, ...]:
     """Layout and SHA-1s of ``a``'s bytes: equal signatures mean the scattered copy is current.
 
-    A contiguous array is hashed in 8 MiB blocks on all CPUs (hashlib releases
-    the GIL); other layouts are copied and hashed a block at a time.
+    A contiguous array is hashed in blocks of :data:`_HASH_BLOCK` bytes, on
+    all CPUs (hashlib releases the GIL), one digest per block (so a block can
+    be hashed again alone); other layouts are copied and hashed a block at a
+    time, into one digest.
     """
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
         digest = hashlib.sha1(usedforsecurity=False)
         for block in _contiguous_blocks(a):
             digest.update(block.data)
         return a.dtype, a.shape, a.strides, digest.digest()
-    flat = (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)
+    flat = _memory(a)
     blocks = [flat[i : i + _HASH_BLOCK] for i in range(0, flat.size, _HASH_BLOCK)]
     threads = min(len(blocks), os.cpu_count() or 1)
-    if threads == 1:
-        return a.dtype, a.shape, a.strides, _sha1(flat)
+    if threads <= 1:
+        return a.dtype, a.shape, a.strides, b"".join(map(_sha1, blocks))
     with ThreadPoolExecutor(threads, thread_name_prefix="mmexec-hash") as pool:
         return a.dtype, a.shape, a.strides, b"".join(pool.map(_sha1, blocks))
+
+
+def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | None]:
+    """Whether ``a`` is unchanged since ``entry`` was scattered (under ``entry.lock``); when it is not, also
+    its new signature if it was computed.
+
+    Where the array's pages are watched, only the hash blocks holding pages
+    written since the last check are hashed again, and the partial head and
+    tail pages compared with their bytes when the watch was set. An array
+    found unchanged by its whole hash is watched from its next check on (the
+    watch and the head and tail bytes taken before that hash: a write made
+    during it shows in the next scan).
+    """
+    if (a.dtype, a.shape, a.strides) != entry.signature[:3]:
+        return False, None
+    watch, entry.watch = entry.watch, None
+    if watch is not None:
+        verdict = _unchanged_where_written(entry, watch, a)
+        if verdict:
+            entry.watch = watch
+            return True, None
+        watch.stop()
+        if verdict is False:
+            entry.drops += 1
+            return False, None
+    new = TRACKER.watch(a) if entry.proven and entry.drops < MAX_DROPS else None
+    edges = [] if new is None else [_memory(a)[lo:hi].tobytes() for lo, hi in new.edges]
+    signature = _signature(a)
+    if signature != entry.signature:
+        if new is not None:
+            new.stop()
+        return False, signature
+    entry.proven, entry.watch, entry.edges = True, new, edges
+    return True, None
+
+
+def _unchanged_where_written(entry: _Scattered, watch: Watch, a: np.ndarray) -> bool | None:
+    """True when the pages written since the last check leave every hash block as it was, and the head and
+    tail bytes are as they were; None when the watch cannot tell."""
+    written = watch.written()
+    if written is None:
+        return None
+    flat = _memory(a)
+    if any(flat[lo:hi].tobytes() != before for (lo, hi), before in zip(watch.edges, entry.edges, strict=True)):
+        return False
+    digests: bytes = entry.signature[3]
+    blocks = sorted({i for lo, hi in written for i in range(lo // _HASH_BLOCK, (hi - 1) // _HASH_BLOCK + 1)})
+    return all(
+        _sha1(flat[i * _HASH_BLOCK : (i + 1) * _HASH_BLOCK]) == digests[i * _DIGEST : (i + 1) * _DIGEST]
+        for i in blocks
+    )
 
 
 def _refuse_local_memmap(a: np.ndarray) -> None:
@@ -197,18 +273,28 @@ class DaskScatterStore:
             entry = None  # a dead array's id, reused
         if entry is not None and key in session.checked:
             return entry.future
-        signature = _signature(a)
+        signature = None
+        if entry is not None:
+            with entry.lock:
+                unchanged, signature = _check(entry, a)
+            if unchanged:
+                session.checked.add(key)
+                return entry.future
+        if signature is None:
+            signature = _signature(a)
         session.checked.add(key)
-        if entry is not None and entry.signature == signature:
-            return entry.future
         future = self.client.scatter(a, hash=False)
-        entry = _Scattered(weakref.ref(a, partial(self._forget, key, future.key)), future, signature)
+        new = _Scattered(weakref.ref(a, partial(self._forget, key, future.key)), future, signature)
+        if entry is not None:
+            new.drops = entry.drops  # (how often a watched array changed counts on)
         old = None
         with self._lock:
             self.scatters += 1
             if not self._closed:  # (a changed array's old copy is dropped: dask frees it once no task needs it)
                 old = self._entries.pop(key, None)
-                self._entries[key] = entry
+                self._entries[key] = new
+        if old is not None:
+            old.stop_watch()
         del old  # its future is released here, outside the lock (its __del__ may run a collection)
         HOUSEKEEPER.need_while(self._holds_copies)
         HOUSEKEEPER.ensure_host()  # (the array's death posts the release of its copy)
@@ -233,6 +319,8 @@ class DaskScatterStore:
                 entry = self._entries.get(key)
                 if entry is not None and entry.future.key == token:
                     dropped.append(self._entries.pop(key))
+        for entry in dropped:
+            entry.stop_watch()  # (done already: the array's finalizer undid it before its memory was freed)
         dropped.clear()  # the futures are released outside the lock
 
     def close(self) -> None:
@@ -240,6 +328,8 @@ class DaskScatterStore:
         with self._lock:
             self._closed = True
             entries, self._entries = self._entries, {}
+        for entry in entries.values():
+            entry.stop_watch()
         entries.clear()
 
 

@@ -48,12 +48,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ENV_SWITCH", "MIN_BYTES", "TRACKER", "Tracker", "Watch", "enabled"]
+__all__ = ["ENV_SWITCH", "MAX_DROPS", "MIN_BYTES", "TRACKER", "Tracker", "Watch", "enabled"]
 
 #: Environment variable: ``0`` (or ``off``, ``false``, ``no``) turns dirty-page tracking off.
 ENV_SWITCH = "MMEXEC_DIRTY_PAGES"
 #: Arrays smaller than this are compared by bytes (about 1 ms): a watch would not pay for its set-up.
 MIN_BYTES = 16 * 2**20
+#: Watches undone because an array had changed, after which it is checked without one for good: an array
+#: rewritten between hand-overs would pay a fault per page on every rewrite, more than a full check costs.
+MAX_DROPS = 2
 
 _LOG = logging.getLogger("mmexec")
 _PAGE = mmap.PAGESIZE
@@ -122,10 +125,18 @@ class Watch:
     def alive(self) -> bool:
         return self._finalizer.alive
 
-    def dirty(self) -> list[tuple[int, int]] | None:
-        """The byte ranges of the array (offsets from its first byte) that may differ from when the watch was
-        set or this was last called: the pages written since (protected again at once, atomically) and the
-        partial pages at the head and tail. None when the answer is not known (the watch is then undone):
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """The byte ranges of the array (offsets from its first byte) outside the watched pages: the partial
+        pages at its head and tail, which only a comparison of their bytes can judge."""
+        ranges = [(0, self.start - self.address)] if self.start > self.address else []
+        if self.address + self.nbytes > self.end:
+            ranges.append((self.end - self.address, self.nbytes))
+        return ranges
+
+    def written(self) -> list[tuple[int, int]] | None:
+        """The byte ranges of the array written since the watch was set or this was last called, whole pages
+        (protected again at once, atomically). None when the answer is not known (the watch is then undone):
         compare every byte."""
         if not self.alive or os.getpid() != self.pid:
             return None
@@ -133,11 +144,13 @@ class Watch:
         if written is None:
             self.stop()
             return None
-        ranges = [(0, self.start - self.address)] if self.start > self.address else []
-        ranges += [(lo - self.address, hi - self.address) for lo, hi in written]
-        if self.address + self.nbytes > self.end:
-            ranges.append((self.end - self.address, self.nbytes))
-        return ranges
+        return [(lo - self.address, hi - self.address) for lo, hi in written]
+
+    def dirty(self) -> list[tuple[int, int]] | None:
+        """:meth:`written` and :attr:`edges`: every byte range that may differ from when the watch was set or
+        this was last called; None when not known."""
+        written = self.written()
+        return None if written is None else self.edges + written
 
     def stop(self) -> None:
         """Undo the watch (idempotent): writes to the array cost nothing any more."""

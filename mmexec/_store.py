@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._dirty import TRACKER, Watch
+from ._dirty import MAX_DROPS, TRACKER, Watch
 from ._errors import TempFolderError
 from ._files import FILES, UNKNOWN_IDENTITY, from_any_process, identity
 from ._housekeeper import HOUSEKEEPER, drain
@@ -155,7 +155,7 @@ class _Dump:
     flat: np.ndarray | None = None  # the file's bytes, mapped once compared
     # Change detection (``_dirty``): ``proven`` once a byte comparison found the array unchanged since it was
     # dumped; ``watch`` once its pages are then write-protected (later checks compare only the pages written);
-    # ``drops``: watches undone because the array had changed (at _MAX_DROPS it is not watched again).
+    # ``drops``: watches undone because the array had changed (at MAX_DROPS it is not watched again).
     proven: bool = False
     watch: Watch | None = None
     drops: int = 0
@@ -168,11 +168,6 @@ class _Dump:
         watch, self.watch = self.watch, None
         if watch is not None:
             watch.stop()
-
-
-#: Watches undone because an array had changed, after which it is compared by bytes for good: an array
-#: rewritten between hand-overs would pay a fault per page on every rewrite, more than a comparison costs.
-_MAX_DROPS = 2
 
 
 class MemmapStore:
@@ -467,7 +462,7 @@ class MemmapStore:
             if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
                 dump.drops += 1
                 return False
-        new = TRACKER.watch(a) if dump.proven and dump.drops < _MAX_DROPS and not writable else None
+        new = TRACKER.watch(a) if dump.proven and dump.drops < MAX_DROPS and not writable else None
         if not same_bytes(a, flat):
             if new is not None:
                 new.stop()

@@ -1,12 +1,14 @@
 """An array passed again is reused only if unchanged: every kind of write is seen, watched or compared by bytes.
 
-The store watches an array's pages (``mmexec._dirty``: userfaultfd write-protect
-and PAGEMAP_SCAN) once a byte comparison has found it unchanged, and then
-compares only the pages written since. Each test runs on that path and on the
-fallbacks (tracking turned off by the environment variable; the range already
-watched by another userfaultfd, ``EBUSY``; no userfaultfd at all), and checks
-what a task would read: the dump the store hands out must hold the array's
-bytes after every kind of write.
+The memmap store watches an array's pages (``mmexec._dirty``: userfaultfd
+write-protect and PAGEMAP_SCAN) once a byte comparison has found it unchanged,
+and then compares only the pages written since; DaskExecutor's scatter store
+does the same with its hashes (only the hash blocks holding written pages are
+hashed again). Each test runs on that path and on the fallbacks (tracking
+turned off by the environment variable; the range already watched by another
+userfaultfd, ``EBUSY``; no userfaultfd at all), and checks what a task would
+read: the dump (or the scattered copy) the store hands out must hold the
+array's bytes after every kind of write.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+import mmexec._dask as dask_module
 import mmexec._dirty as dirty
 import mmexec._store as store_module
 from mmexec import MemmapExecutor, Parallel, delayed
+from mmexec._dask import DaskScatterStore
 from mmexec._memmap import open_ref
 from mmexec._spares import SPARES
 from mmexec._store import Holds, MemmapStore, Session
@@ -72,14 +76,49 @@ class Harness:
         self.store.close()
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
+class _Future:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _Client:
+    """What DaskScatterStore needs of a dask client: ``scatter``, which keeps a copy of what it was given."""
+
+    def __init__(self) -> None:
+        self.copies: dict[str, bytes] = {}
+
+    def scatter(self, a: np.ndarray, hash: bool = False) -> _Future:
+        key = f"k{len(self.copies)}"
+        self.copies[key] = a.tobytes()
+        return _Future(key)
+
+
+class DaskHarness:
+    """As :class:`Harness`, for DaskExecutor's scatter store (on a stand-in client): the bytes a task would
+    read are those of the scattered copy."""
+
+    def __init__(self) -> None:
+        self.client = _Client()
+        self.store = DaskScatterStore(self.client, max_nbytes=2**20)
+
+    def hand_over(self, a: np.ndarray) -> bytes:
+        return self.client.copies[self.store._future_for(a, Session()).key]
+
+    def watch_of(self, a: np.ndarray) -> dirty.Watch | None:
+        return self.store._entries[id(a)].watch
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture(params=["memmap", "dask"])
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness | DaskHarness]:
+    h = Harness() if request.param == "memmap" else DaskHarness()
     yield h
     h.close()
 
 
-def ready(h: Harness, a: np.ndarray) -> None:
+def ready(h: Harness | DaskHarness, a: np.ndarray) -> None:
     """Three hand-overs: dumped, found unchanged by bytes, then watched (where the path allows)."""
     for _ in range(3):
         assert h.hand_over(a) == a.tobytes()
@@ -100,7 +139,9 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(dirty.ENV_SWITCH, "0")
     if name == "unsupported":
         monkeypatch.setattr(dirty, "_SYS_USERFAULTFD", None)
-        monkeypatch.setattr(store_module, "TRACKER", dirty.Tracker())
+        tracker = dirty.Tracker()
+        monkeypatch.setattr(store_module, "TRACKER", tracker)
+        monkeypatch.setattr(dask_module, "TRACKER", tracker)
 
     def prepare(a: np.ndarray) -> None:
         if name == "busy":
@@ -117,7 +158,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         os.close(tracker.uffd)
 
 
-def on_path(h: Harness, a: np.ndarray, name: str) -> None:
+def on_path(h: Harness | DaskHarness, a: np.ndarray, name: str) -> None:
     ready(h, a)
     watch = h.watch_of(a)
     assert (watch is not None) == (name == "watched"), name
@@ -227,7 +268,7 @@ def test_a_write_of_the_same_bytes_keeps_the_dump_and_its_watch(harness, path, m
     on_path(harness, a, path.name)
     a[100:200_000] = a[100:200_000].copy()  # every page of it written, no byte changed
     assert harness.hand_over(a) == a.tobytes()
-    assert len(writes) == 1
+    assert (len(harness.client.copies) if isinstance(harness, DaskHarness) else len(writes)) == 1
     assert (harness.watch_of(a) is not None) == (path.name == "watched")
 
 
@@ -289,7 +330,7 @@ def test_only_an_array_found_unchanged_by_bytes_is_watched(harness):
 @needs_tracking
 def test_an_array_that_keeps_changing_after_it_was_watched_stops_being_watched(harness):
     a = np.random.default_rng(6).random(N)
-    for drop in range(store_module._MAX_DROPS):
+    for drop in range(dirty.MAX_DROPS):
         ready(harness, a)
         watch = harness.watch_of(a)
         assert watch is not None
