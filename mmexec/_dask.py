@@ -125,9 +125,13 @@ class _Scattered:
     edges: list[bytes] = field(default_factory=list)
     drops: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
+    discarded: bool = False
 
     def stop_watch(self) -> None:
-        watch, self.watch = self.watch, None
+        """The entry is let go: undo its watch (waits for a check in progress, which then sets none)."""
+        with self.lock:
+            self.discarded = True
+            watch, self.watch = self.watch, None
         if watch is not None:
             watch.stop()
 
@@ -180,7 +184,9 @@ def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | No
     if (a.dtype, a.shape, a.strides) != entry.signature[:3]:
         return False, None
     watch, entry.watch = entry.watch, None
-    if watch is not None:
+    if watch is not None and not watch.covers(a):  # (another buffer, or strides, set in place)
+        watch.stop()
+    elif watch is not None:
         verdict = _unchanged_where_written(entry, watch, a)
         if verdict:
             entry.watch = watch
@@ -189,14 +195,21 @@ def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | No
         if verdict is False:
             entry.drops += 1
             return False, None
-    new = TRACKER.watch(a) if entry.proven and entry.drops < MAX_DROPS else None
+    new = None
+    if entry.proven and entry.drops < MAX_DROPS:
+        new = TRACKER.watch(a)
+        entry.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
     edges = [] if new is None else [_memory(a)[lo:hi].tobytes() for lo, hi in new.edges]
     signature = _signature(a)
     if signature != entry.signature:
         if new is not None:
             new.stop()
         return False, signature
-    entry.proven, entry.watch, entry.edges = True, new, edges
+    entry.proven = True
+    if new is not None and entry.discarded:  # (let go while it was hashed: nothing would stop the watch)
+        new.stop()
+    else:
+        entry.watch, entry.edges = new, edges
     return True, None
 
 

@@ -54,8 +54,8 @@ __all__ = ["ENV_SWITCH", "MAX_DROPS", "MIN_BYTES", "TRACKER", "Tracker", "Watch"
 ENV_SWITCH = "MMEXEC_DIRTY_PAGES"
 #: Arrays smaller than this are compared by bytes (about 1 ms): a watch would not pay for its set-up.
 MIN_BYTES = 16 * 2**20
-#: Watches undone because an array had changed, after which it is checked without one for good: an array
-#: rewritten between hand-overs would pay a fault per page on every rewrite, more than a full check costs.
+#: Watches undone because an array had changed (or refused), after which it is checked without one for good: an
+#: array rewritten between hand-overs would pay a fault per page on every rewrite, more than a full check costs.
 MAX_DROPS = 2
 
 _LOG = logging.getLogger("mmexec")
@@ -104,7 +104,8 @@ def _unregister(fd: int, start: int, length: int, pid: int) -> None:
     """Undo a watch (from a finalizer: a system call, no lock); nothing in another process, or if it is gone."""
     if os.getpid() != pid:
         return
-    _libc.ioctl(fd, _UFFDIO_UNREGISTER, ctypes.addressof((_U64 * 2)(start, length)))
+    arg = (_U64 * 2)(start, length)  # (kept alive through the call)
+    _libc.ioctl(fd, _UFFDIO_UNREGISTER, ctypes.addressof(arg))
 
 
 class Watch:
@@ -124,6 +125,14 @@ class Watch:
     @property
     def alive(self) -> bool:
         return self._finalizer.alive
+
+    def covers(self, a: np.ndarray) -> bool:
+        """True when ``a``'s memory is still the memory watched: the same address and size, contiguous (an
+        array given a new buffer, ``__setstate__``, or new strides in place keeps its identity, not its memory)."""
+        return (
+            int(a.__array_interface__["data"][0]) == self.address and a.nbytes == self.nbytes
+            and (a.flags.c_contiguous or a.flags.f_contiguous)
+        )
 
     @property
     def edges(self) -> list[tuple[int, int]]:

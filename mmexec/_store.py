@@ -155,19 +155,30 @@ class _Dump:
     flat: np.ndarray | None = None  # the file's bytes, mapped once compared
     # Change detection (``_dirty``): ``proven`` once a byte comparison found the array unchanged since it was
     # dumped; ``watch`` once its pages are then write-protected (later checks compare only the pages written);
-    # ``drops``: watches undone because the array had changed (at MAX_DROPS it is not watched again).
+    # ``drops``: watches undone because the array had changed, or refused (at MAX_DROPS none is tried again).
     proven: bool = False
     watch: Watch | None = None
     drops: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
+    discarded: bool = False
 
     def discard(self) -> None:
         """This dump no longer stands for its array: let go of its map and its watch (the file is released by
-        the store)."""
-        self.flat = None
-        watch, self.watch = self.watch, None
+        the store). Waits for a check of it in progress, which then sets no watch on it."""
+        with self.lock:
+            self.discarded = True
+            self.flat = None
+            watch, self.watch = self.watch, None
         if watch is not None:
             watch.stop()
+
+    def hand_over(self) -> tuple[np.ndarray | None, bool, Watch | None, int]:
+        """Its map, proof, watch and count of changes, moved out (an adopting dump takes them over)."""
+        with self.lock:
+            self.discarded = True
+            moved = self.flat, self.proven, self.watch, self.drops
+            self.flat = self.watch = None
+        return moved
 
 
 class MemmapStore:
@@ -391,30 +402,39 @@ class MemmapStore:
             return None  # out of descriptors: pickle this array into the task
         # (held by the array and this task at once: another thread's new dump of the same array may release
         # the array's hold at any moment)
-        dump = self._adopt(a, holds.session) or self._new_dump(a, users=2)
+        dump, drops = self._adopt(a, holds.session)
+        if dump is None:
+            dump = self._new_dump(a, users=2)
+            dump.drops = max(dump.drops, drops)
         holds.session.checked.add(key)
         holds.files.append((self, dump.path))
         return dump.ref
 
-    def _adopt(self, a: np.ndarray, session: Session) -> _Dump | None:
+    def _adopt(self, a: np.ndarray, session: Session) -> tuple[_Dump | None, int]:
         """The dump of ``a`` an executor shut down since left among the spares, if ``a`` is unchanged since:
-        taken over, held twice (as :meth:`_new_dump`); else None."""
+        taken over, held twice (as :meth:`_new_dump`); else None. And how often ``a`` changed while watched,
+        which the next dump of it carries on."""
         key = id(a)
         spare = self._spares.adopt(self._base, lambda held: held.key == key and held.wref() is a)
         if spare is None:
-            return None
+            return None, 0
         old = spare.content
         spare.content = None
         assert isinstance(old, _Dump)
-        if not self._still_valid(old, a, Session()):  # (always a check: ``session`` may have checked ``a``
-            # against another dump of it)
+        try:
+            valid = self._still_valid(old, a, Session())  # (always a check: ``session`` may have checked ``a``
+        except BaseException:  # against another dump of it)
+            old.discard()
+            os.close(spare.fd)
+            raise
+        if not valid:
             old.discard()
             if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
                 os.close(spare.fd)  # (its pages may still serve the new dump, as any spare's)
-            return None
+            return None, old.drops
         session.checked.add(key)
         self._register(spare.path, _File(spare.fd, 2, 0, (spare.capacity, spare.where)))
-        return self._record_dump(a, spare.path, old)
+        return self._record_dump(a, spare.path, old), 0
 
     def _still_valid(self, dump: _Dump, a: np.ndarray, session: Session) -> bool:
         """True when ``a`` is unchanged since it was dumped: its layout every time, its bytes once per session.
@@ -449,8 +469,8 @@ class MemmapStore:
         watch, flat = dump.watch, dump.flat
         assert flat is not None
         writable = self.mmap_mode in ("r+", "w+")
-        if watch is not None and writable:  # (adopted from an executor whose tasks could not write it)
-            dump.watch = None
+        if watch is not None and (writable or not watch.covers(a)):  # (adopted from an executor whose tasks
+            dump.watch = None  # could not write it; or ``a`` got another buffer or strides in place)
             watch.stop()
         elif watch is not None:
             ranges = watch.dirty()  # (the pages it lists are protected again: this check must conclude)
@@ -462,12 +482,19 @@ class MemmapStore:
             if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
                 dump.drops += 1
                 return False
-        new = TRACKER.watch(a) if dump.proven and dump.drops < MAX_DROPS and not writable else None
+        new = None
+        if dump.proven and dump.drops < MAX_DROPS and not writable:
+            new = TRACKER.watch(a)
+            dump.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
         if not same_bytes(a, flat):
             if new is not None:
                 new.stop()
             return False
-        dump.proven, dump.watch = True, new
+        dump.proven = True
+        if new is not None and dump.discarded:  # (let go while it was compared: nothing would stop the watch)
+            new.stop()
+        else:
+            dump.watch = new
         return True
 
     def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
@@ -480,8 +507,7 @@ class MemmapStore:
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
         if adopted is not None:
-            dump.flat, dump.proven, dump.watch, dump.drops = adopted.flat, adopted.proven, adopted.watch, adopted.drops
-            adopted.flat = adopted.watch = None
+            dump.flat, dump.proven, dump.watch, dump.drops = adopted.hand_over()
         dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
         with self._lock:
             old = self._dumps.get(key)

@@ -47,6 +47,24 @@ def address(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+def registered(a: np.ndarray | tuple[int, int]) -> bool:
+    """True when the kernel has any of ``a``'s memory (or the address range ``a``) registered with a
+    userfaultfd for write-protection (VmFlags ``uw`` in /proc/self/smaps): what a watch leaves behind if it
+    is not undone."""
+    lo, hi = a if isinstance(a, tuple) else (address(a), address(a) + a.nbytes)
+    span = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                span = (start, end)
+            elif line.startswith("VmFlags:") and span is not None and span[0] < hi and lo < span[1]:
+                if "uw" in line.split()[1:]:
+                    return True
+    return False
+
+
 def whole_pages(a: np.ndarray) -> tuple[int, int]:
     """The byte offsets, in ``a``, of its first and last whole page (the watched span)."""
     start = -(-address(a) // PAGE) * PAGE - address(a)
@@ -347,12 +365,203 @@ def test_a_watch_is_undone_when_the_array_is_freed_and_its_memory_can_be_watched
     a = np.random.default_rng(7).random(N)
     ready(harness, a)
     watch = harness.watch_of(a)
-    assert watch is not None
+    assert watch is not None and registered(a)
     del a
     assert not watch.alive
     b = np.random.default_rng(8).random(N)  # (often at the same address)
     ready(harness, b)
     assert harness.watch_of(b) is not None
+
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+PROT_RW, MAP_PRIVATE_ANONYMOUS, MAP_FIXED = 3, 0x22, 0x10
+
+
+def private_memory(nbytes: int, at: int | None = None) -> int:
+    """``nbytes`` of private anonymous memory mapped by hand (at ``at``, replacing what is there)."""
+    ptr = _libc.mmap(at, nbytes, PROT_RW, MAP_PRIVATE_ANONYMOUS | (MAP_FIXED if at else 0), -1, 0)
+    assert ptr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    return int(ptr)
+
+
+@needs_tracking
+def test_an_array_freed_is_unregistered_before_its_memory_goes():
+    """Memory that outlives the array (here mapped by hand, as the heap keeps freed memory): its finalizer
+    undid the registration in the kernel."""
+    nbytes = N * 8
+    ptr = private_memory(nbytes)
+    try:
+        a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.float64)
+        a[:] = 1.5
+        watch = dirty.TRACKER.watch(a)
+        assert watch is not None and registered((ptr, ptr + nbytes))
+        del a
+        assert not watch.alive and not registered((ptr, ptr + nbytes))
+    finally:
+        _libc.munmap(ptr, nbytes)
+
+
+UNDO_SCRIPT = """
+import ctypes, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import mmexec._dirty as dirty
+from test_dirty import N, private_memory, registered
+ptr = private_memory(N * 8)  # (memory that outlives the array object)
+span = (ptr, ptr + N * 8)
+for how in ("stop", "free"):
+    a = np.frombuffer((ctypes.c_char * (N * 8)).from_address(ptr), dtype=np.float64)
+    a[:] = 1.0
+    watch = dirty.TRACKER.watch(a)
+    assert watch is not None and registered(span), how
+    if how == "stop":
+        watch.stop()
+    del a
+    assert not registered(span), how + " left the range registered"
+print("ok")
+"""
+
+
+@needs_tracking
+def test_a_watch_undone_leaves_nothing_registered_under_a_debug_allocator(tmp_path):
+    """With PYTHONMALLOC=debug freed memory is overwritten at once: a system call given a temporary that
+    was already freed fails there (the range would stay registered)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONMALLOC": "debug"}
+    here = os.path.dirname(__file__)
+    proc = subprocess.run([sys.executable, "-c", UNDO_SCRIPT, os.path.dirname(here)], capture_output=True,
+                          text=True, env=env, cwd=here, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@needs_tracking
+def test_memory_mapped_again_under_a_watch_is_not_reported_clean():
+    """Freed behind the array's back and mapped again at the same address (no longer registered): the scan
+    must fail (PM_SCAN_CHECK_WPASYNC), never report the new pages unwritten."""
+    nbytes = N * 8
+    ptr = private_memory(nbytes)
+    try:
+        a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.float64)
+        a[:] = 1.5
+        watch = dirty.TRACKER.watch(a)
+        assert watch is not None and watch.written() == []
+        assert private_memory(nbytes, at=ptr) == ptr  # (the range unmapped and mapped anew: zeros)
+        a[: N // 2] = 2.5
+        assert watch.written() is None and not watch.alive
+    finally:
+        _libc.munmap(ptr, nbytes)
+
+
+@needs_tracking
+def test_an_array_given_a_new_buffer_or_strides_in_place_is_compared_by_bytes(harness):
+    """The same object, shape and dtype over other memory (``__setstate__``), or the same memory read with
+    other strides: the watch covers memory the array no longer is."""
+    a = np.random.default_rng(15).random(N)
+    ready(harness, a)
+    assert harness.watch_of(a) is not None
+    new = a.copy()
+    new[N // 2] = -1.0
+    a.__setstate__((1, (N,), np.dtype(np.float64), False, new.tobytes()))
+    assert harness.hand_over(a) == a.tobytes()
+    b = np.random.default_rng(16).random(N)
+    ready(harness, b)
+    assert harness.watch_of(b) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (setting strides is deprecated in NumPy 2.4)
+        b.strides = (0,)
+    assert harness.hand_over(b) == b.tobytes()
+
+
+@needs_tracking
+def test_a_write_through_another_map_of_shared_memory_is_seen(harness, tmp_path):
+    """Shared memory is never watched: a write through a second map of it would not mark the first's pages."""
+    name = tmp_path / "shared"
+    name.write_bytes(np.random.default_rng(17).random(N).tobytes())
+    with open(name, "r+b") as f:
+        one, two = mmap.mmap(f.fileno(), N * 8), mmap.mmap(f.fileno(), N * 8)
+    a = np.frombuffer(one, dtype=np.float64)
+    ready(harness, a)
+    assert harness.watch_of(a) is None
+    np.frombuffer(two, dtype=np.float64)[N // 2] = -7.0
+    assert a[N // 2] == -7.0 and harness.hand_over(a) == a.tobytes()
+    harness.close()
+    del a
+    one.close()
+    two.close()
+
+
+def test_a_dump_tasks_write_with_mmap_mode_r_plus_is_dumped_again(tmp_path):
+    """Tasks may write the dump itself then, which no watch of the caller's array sees."""
+    from _tasks import fill
+
+    a = np.random.default_rng(18).random(N)
+    with MemmapExecutor(1, mmap_mode="r+") as ex:
+        for _ in range(3):
+            assert ex.submit(np.sum, a).result() == a.sum()
+        ex.submit(fill, a, 7.0).result()
+        assert ex.submit(np.sum, a).result() == a.sum()
+
+
+@needs_tracking
+def test_a_dump_let_go_during_its_check_keeps_no_watch(monkeypatch):
+    """An executor shut down (its dumps to the spares, then dropped) while another thread compares the array:
+    the watch that comparison set must not stay on the dump let go, where nothing would ever undo it."""
+    h = Harness()
+    a = np.random.default_rng(19).random(N)
+    h.hand_over(a)
+    h.hand_over(a)  # (proven: the next check sets a watch, then compares)
+    dump = h.store._dumps[id(a)]
+    inside, go = threading.Event(), threading.Event()
+    real = store_module.same_bytes
+
+    def paused(x: np.ndarray, flat: np.ndarray) -> bool:
+        inside.set()
+        go.wait(10)
+        return real(x, flat)
+
+    monkeypatch.setattr(store_module, "same_bytes", paused)
+    check = threading.Thread(target=h.store._still_valid, args=(dump, a, Session()))
+    check.start()
+    assert inside.wait(10)
+    monkeypatch.setattr(store_module, "same_bytes", real)
+
+    def let_go() -> None:
+        h.close()
+        SPARES.drop()
+
+    closing = threading.Thread(target=let_go)
+    closing.start()
+    closing.join(0.2)  # (it waits for the check to end, or has let go before)
+    go.set()
+    check.join(10)
+    closing.join(10)
+    assert not check.is_alive() and not closing.is_alive()
+    assert dump.watch is None and not registered(a)
+    again = Harness()
+    try:
+        ready(again, a)
+        assert again.watch_of(a) is not None
+    finally:
+        again.close()
+
+
+@needs_tracking
+def test_an_array_that_keeps_changing_is_watched_at_most_twice_across_fresh_executors():
+    a = np.random.default_rng(20).random(N)
+    watches: list[dirty.Watch] = []  # (kept: ids of freed objects are reused)
+    for k in range(12):
+        with MemmapExecutor(1) as ex:
+            assert ex.submit(np.sum, a).result() == a.sum()
+            watch = ex._store._dumps[id(a)].watch
+            if watch is not None and not any(watch is w for w in watches):
+                watches.append(watch)
+        if k % 4 == 3:
+            a[k] = -float(k)
+    assert len(watches) == dirty.MAX_DROPS
 
 
 @needs_tracking
@@ -445,9 +654,9 @@ def test_a_dropped_spare_lets_go_of_its_dumps_watch():
         with MemmapExecutor(1) as ex:
             ex.submit(np.sum, a).result()
             watch = ex._store._dumps[id(a)].watch
-    assert watch is not None and watch.alive
+    assert watch is not None and watch.alive and registered(a)
     SPARES.drop()
-    assert not watch.alive
+    assert not watch.alive and not registered(a)
 
 
 @pytest.fixture
