@@ -42,7 +42,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -122,7 +122,7 @@ class _Scattered:
     # unchanged; then ``watch``, with ``edges``: the bytes of its partial head and tail pages when it was set.
     proven: bool = False
     watch: Watch | None = None
-    edges: list[bytes] = field(default_factory=list)
+    edges: list[tuple[int, int, bytes]] = field(default_factory=list)
     drops: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
     discarded: bool = False
@@ -148,13 +148,33 @@ def _memory(a: np.ndarray) -> np.ndarray:
     return (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)
 
 
-def _signature(a: np.ndarray) -> tuple[Any, ...]:
+#: Byte ranges of an array with the bytes taken of them: the partial head and tail pages outside a watch.
+_Edges = Sequence[tuple[int, int, bytes]]
+
+
+def _block_digest(flat: np.ndarray, i: int, edges: _Edges = ()) -> bytes:
+    """The SHA-1 of block ``i`` of ``flat``, with ``edges``' bytes in place of the memory they cover."""
+    lo, hi = i * _HASH_BLOCK, min((i + 1) * _HASH_BLOCK, flat.size)
+    digest = hashlib.sha1(usedforsecurity=False)
+    pos = lo
+    for start, end, data in edges:  # (sorted, disjoint)
+        cut_lo, cut_hi = max(start, lo), min(end, hi)
+        if cut_lo < cut_hi:
+            digest.update(flat[pos:cut_lo].data)
+            digest.update(data[cut_lo - start : cut_hi - start])
+            pos = cut_hi
+    digest.update(flat[pos:hi].data)
+    return digest.digest()
+
+
+def _signature(a: np.ndarray, edges: _Edges = ()) -> tuple[Any, ...]:
     """Layout and SHA-1s of ``a``'s bytes: equal signatures mean the scattered copy is current.
 
     A contiguous array is hashed in blocks of :data:`_HASH_BLOCK` bytes, on
     all CPUs (hashlib releases the GIL), one digest per block (so a block can
-    be hashed again alone); other layouts are copied and hashed a block at a
-    time, into one digest.
+    be hashed again alone), with ``edges``' bytes in place of the memory they
+    cover (so that the hash proves them equal to the scattered copy too);
+    other layouts are copied and hashed a block at a time, into one digest.
     """
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
         digest = hashlib.sha1(usedforsecurity=False)
@@ -162,12 +182,12 @@ def _signature(a: np.ndarray) -> tuple[Any, ...]:
             digest.update(block.data)
         return a.dtype, a.shape, a.strides, digest.digest()
     flat = _memory(a)
-    blocks = [flat[i : i + _HASH_BLOCK] for i in range(0, flat.size, _HASH_BLOCK)]
-    threads = min(len(blocks), os.cpu_count() or 1)
+    count = -(-flat.size // _HASH_BLOCK)
+    threads = min(count, os.cpu_count() or 1)
     if threads <= 1:
-        return a.dtype, a.shape, a.strides, b"".join(map(_sha1, blocks))
+        return a.dtype, a.shape, a.strides, b"".join(_block_digest(flat, i, edges) for i in range(count))
     with ThreadPoolExecutor(threads, thread_name_prefix="mmexec-hash") as pool:
-        return a.dtype, a.shape, a.strides, b"".join(pool.map(_sha1, blocks))
+        return a.dtype, a.shape, a.strides, b"".join(pool.map(partial(_block_digest, flat, edges=edges), range(count)))
 
 
 def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | None]:
@@ -176,41 +196,43 @@ def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | No
 
     Where the array's pages are watched, only the hash blocks holding pages
     written since the last check are hashed again, and the partial head and
-    tail pages compared with their bytes when the watch was set. An array
-    found unchanged by its whole hash is watched from its next check on (the
-    watch and the head and tail bytes taken before that hash: a write made
-    during it shows in the next scan).
+    tail pages compared with the bytes taken of them when the watch was set.
+    An array found unchanged by its whole hash is watched from its next check
+    on: the watch is set, and the head and tail bytes taken, before that hash,
+    which hashes the bytes taken in place of the array's: a write made during
+    it shows in the next check.
     """
     if (a.dtype, a.shape, a.strides) != entry.signature[:3]:
         return False, None
     watch, entry.watch = entry.watch, None
-    if watch is not None and not watch.covers(a):  # (another buffer, or strides, set in place)
-        watch.stop()
-    elif watch is not None:
-        verdict = _unchanged_where_written(entry, watch, a)
-        if verdict:
-            entry.watch = watch
-            return True, None
-        watch.stop()
-        if verdict is False:
-            entry.drops += 1
-            return False, None
     new = None
-    if entry.proven and entry.drops < MAX_DROPS:
-        new = TRACKER.watch(a)
-        entry.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
-    edges = [] if new is None else [_memory(a)[lo:hi].tobytes() for lo, hi in new.edges]
-    signature = _signature(a)
-    if signature != entry.signature:
-        if new is not None:
-            new.stop()
-        return False, signature
-    entry.proven = True
-    if new is not None and entry.discarded:  # (let go while it was hashed: nothing would stop the watch)
-        new.stop()
-    else:
-        entry.watch, entry.edges = new, edges
-    return True, None
+    try:
+        if watch is not None and not watch.covers(a):  # (another buffer, or strides, set in place)
+            watch.stop()
+        elif watch is not None:
+            verdict = _unchanged_where_written(entry, watch, a)
+            if verdict:
+                entry.watch, watch = watch, None
+                return True, None
+            watch.stop()
+            if verdict is False:
+                entry.drops += 1
+                return False, None
+        if entry.proven and entry.drops < MAX_DROPS:
+            new = TRACKER.watch(a)
+            entry.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
+        edges = [] if new is None else [(lo, hi, _memory(a)[lo:hi].tobytes()) for lo, hi in new.edges]
+        signature = _signature(a, edges)
+        if signature != entry.signature:
+            return False, None if edges else signature  # (hashed with the bytes taken: not the array's own)
+        entry.proven = True
+        if new is not None and not entry.discarded:  # (let go while it was hashed: nothing would undo a watch)
+            entry.watch, entry.edges, new = new, edges, None
+        return True, None
+    finally:  # (whatever did not end up on the entry: changed, refused, or an exception such as Ctrl-C)
+        for left in (watch, new):
+            if left is not None and left is not entry.watch:
+                left.stop()
 
 
 def _unchanged_where_written(entry: _Scattered, watch: Watch, a: np.ndarray) -> bool | None:
@@ -220,14 +242,11 @@ def _unchanged_where_written(entry: _Scattered, watch: Watch, a: np.ndarray) -> 
     if written is None:
         return None
     flat = _memory(a)
-    if any(flat[lo:hi].tobytes() != before for (lo, hi), before in zip(watch.edges, entry.edges, strict=True)):
+    if any(flat[lo:hi].tobytes() != before for lo, hi, before in entry.edges):
         return False
     digests: bytes = entry.signature[3]
     blocks = sorted({i for lo, hi in written for i in range(lo // _HASH_BLOCK, (hi - 1) // _HASH_BLOCK + 1)})
-    return all(
-        _sha1(flat[i * _HASH_BLOCK : (i + 1) * _HASH_BLOCK]) == digests[i * _DIGEST : (i + 1) * _DIGEST]
-        for i in blocks
-    )
+    return all(_block_digest(flat, i, entry.edges) == digests[i * _DIGEST : (i + 1) * _DIGEST] for i in blocks)
 
 
 def _refuse_local_memmap(a: np.ndarray) -> None:

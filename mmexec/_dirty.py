@@ -25,7 +25,9 @@ by bytes. Every failure (no ``userfaultfd``, a kernel without these features, a
 seccomp filter, ``EPERM``, ``EBUSY`` because something else already watches the
 range) means "no watch": the store compares bytes, as without this module, and
 a debug message on the ``mmexec`` logger says why. ``MMEXEC_DIRTY_PAGES=0``
-turns watching off.
+turns watching off. Devices write memory pinned for them (``io_uring`` fixed
+buffers, RDMA) without the CPU, unseen: while the process has pinned memory
+(``VmPin``), no watch is set or trusted.
 
 A watch is undone (``UFFDIO_UNREGISTER``) when the store lets it go, and by a
 weakref finalizer of the array, which runs before NumPy frees the memory (a
@@ -100,6 +102,19 @@ def _ioctl(fd: int, request: int, arg: Any) -> int:
     return 0
 
 
+def pinned_bytes() -> int:
+    """Memory this process has pinned for devices (``VmPin``: ``io_uring`` fixed buffers, RDMA): devices write
+    it without the CPU, so no write-protection sees their writes. 0 where the kernel does not say."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmPin:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _unregister(fd: int, start: int, length: int, pid: int) -> None:
     """Undo a watch (from a finalizer: a system call, no lock); nothing in another process, or if it is gone."""
     if os.getpid() != pid:
@@ -148,6 +163,10 @@ class Watch:
         (protected again at once, atomically). None when the answer is not known (the watch is then undone):
         compare every byte."""
         if not self.alive or os.getpid() != self.pid:
+            return None
+        if pinned_bytes():  # (a device may have written since, unseen)
+            _LOG.debug("mmexec: memory pinned for devices (VmPin): comparing bytes")
+            self.stop()
             return None
         written = self.tracker.scan(self.start, self.end)
         if written is None:
@@ -233,7 +252,8 @@ class Tracker:
             self._watches = [w for w in self._watches if w.alive]
             if any(w.start < end and start < w.end for w in self._watches):
                 return None  # (another dump of the same memory is watched: this one compares bytes)
-            why = _not_private_anonymous(start, end)
+            why = "in a process with memory pinned for devices (VmPin)" if pinned_bytes() else ""
+            why = why or _not_private_anonymous(start, end)
             if why:
                 _LOG.debug("mmexec: array at %#x compared by bytes: its memory is %s", address, why)
                 return None

@@ -469,33 +469,32 @@ class MemmapStore:
         watch, flat = dump.watch, dump.flat
         assert flat is not None
         writable = self.mmap_mode in ("r+", "w+")
-        if watch is not None and (writable or not watch.covers(a)):  # (adopted from an executor whose tasks
-            dump.watch = None  # could not write it; or ``a`` got another buffer or strides in place)
-            watch.stop()
-        elif watch is not None:
-            ranges = watch.dirty()  # (the pages it lists are protected again: this check must conclude)
-            dump.watch = None
-            if ranges is not None and same_bytes_in(a, flat, ranges):
-                dump.watch = watch
-                return True
-            watch.stop()
-            if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
-                dump.drops += 1
+        dump.watch = new = None
+        try:
+            if watch is not None and (writable or not watch.covers(a)):  # (adopted from an executor whose tasks
+                watch.stop()  # could not write it; or ``a`` got another buffer or strides in place)
+            elif watch is not None:
+                ranges = watch.dirty()  # (the pages it lists are protected again: this check must conclude)
+                if ranges is not None and same_bytes_in(a, flat, ranges):
+                    dump.watch, watch = watch, None
+                    return True
+                watch.stop()
+                if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
+                    dump.drops += 1
+                    return False
+            if dump.proven and dump.drops < MAX_DROPS and not writable:
+                new = TRACKER.watch(a)
+                dump.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
+            if not same_bytes(a, flat):
                 return False
-        new = None
-        if dump.proven and dump.drops < MAX_DROPS and not writable:
-            new = TRACKER.watch(a)
-            dump.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
-        if not same_bytes(a, flat):
-            if new is not None:
-                new.stop()
-            return False
-        dump.proven = True
-        if new is not None and dump.discarded:  # (let go while it was compared: nothing would stop the watch)
-            new.stop()
-        else:
-            dump.watch = new
-        return True
+            dump.proven = True
+            if new is not None and not dump.discarded:  # (let go while it was compared: nothing would undo it)
+                dump.watch, new = new, None
+            return True
+        finally:  # (whatever did not end up on the dump: changed, refused, or an exception such as Ctrl-C)
+            for left in (watch, new):
+                if left is not None and left is not dump.watch:
+                    left.stop()
 
     def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
         return self._record_dump(a, self._write(a, users))  # held by the array (and the task that dumps it)

@@ -699,3 +699,158 @@ def test_after_a_fork_the_child_watches_its_own_arrays():
     assert os.read(r, 1) == b"1"
     os.close(r)
     os.waitpid(pid, 0)
+
+
+# ----------------------------------------------------------------- what the second review found untested
+@needs_tracking
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_change_among_hundreds_of_written_ranges_is_seen(harness, where):
+    """600 separate written pages: more than one scan's worth of regions, and more ranges than are compared
+    one by one (they are then compared as one span)."""
+    a = np.random.default_rng(21).random(N)
+    ready(harness, a)
+    assert harness.watch_of(a) is not None
+    start, _ = whole_pages(a)
+    raw = a.view(np.uint8)
+    pages = [start + (2 * k + 1) * PAGE for k in range(600)]
+    for at in pages:
+        raw[at] = raw[at]  # written, unchanged
+    changed = {"first": pages[0], "middle": pages[300], "last": pages[-1]}[where] + 17
+    raw[changed] ^= 0x5A
+    assert harness.hand_over(a) == a.tobytes()
+
+
+@needs_tracking
+@pytest.mark.parametrize("where", ["head", "middle"])
+def test_a_write_made_during_the_check_that_sets_the_watch_is_seen_next(harness, monkeypatch, where):
+    """The watch is set (and, for dask, the head and tail bytes taken) before the full check that proves the
+    array unchanged: a write landing just after that check ends is seen by the next one."""
+    a = np.random.default_rng(22).random(N)
+    harness.hand_over(a)
+    harness.hand_over(a)  # (proven: the next check sets the watch)
+    at = 0 if where == "head" else N // 2
+    is_dask = isinstance(harness, DaskHarness)
+    module, name = (dask_module, "_signature") if is_dask else (store_module, "same_bytes")
+    real = getattr(module, name)
+
+    def then_write(*args, **kwargs):
+        out = real(*args, **kwargs)
+        a[at] = -9.0  # (another thread's write, right after the check went past it)
+        monkeypatch.setattr(module, name, real)
+        return out
+
+    monkeypatch.setattr(module, name, then_write)
+    harness.hand_over(a)
+    assert a[at] == -9.0 and harness.watch_of(a) is not None
+    assert harness.hand_over(a) == a.tobytes()
+
+
+@needs_tracking
+def test_a_check_of_a_dump_already_let_go_sets_no_watch(harness):
+    a = np.random.default_rng(23).random(N)
+    harness.hand_over(a)
+    harness.hand_over(a)
+    if isinstance(harness, DaskHarness):
+        entry = harness.store._entries[id(a)]
+        entry.stop_watch()  # (let go: an executor shut down, the array changed)
+        with entry.lock:
+            assert dask_module._check(entry, a) == (True, None)
+        assert entry.watch is None
+    else:
+        dump = harness.store._dumps[id(a)]
+        dump.discard()
+        assert harness.store._still_valid(dump, a, Session())
+        assert dump.watch is None
+    assert not registered(a)
+
+
+@needs_tracking
+def test_an_f_ordered_array_is_watched_and_every_write_seen(harness):
+    a = np.asfortranarray(np.random.default_rng(24).random((N // 64, 64)))
+    ready(harness, a)
+    assert harness.watch_of(a) is not None
+    a[5, 63] = -1.0  # (the last column: the end of its memory)
+    assert harness.hand_over(a) == a.tobytes()
+    a[N // 128, 0] = -2.0
+    assert harness.hand_over(a) == a.tobytes()
+
+
+@needs_tracking
+def test_memory_pinned_for_devices_is_never_trusted_to_a_watch(harness, monkeypatch):
+    """io_uring fixed buffers and RDMA are written by devices, unseen: while the process has pinned memory
+    (VmPin), a watch says nothing and none is set."""
+    a = np.random.default_rng(25).random(N)
+    ready(harness, a)
+    watch = harness.watch_of(a)
+    assert watch is not None
+    monkeypatch.setattr(dirty, "pinned_bytes", lambda: 4096)
+    a[N // 2] = -1.0  # (as a device would, but seen by the byte comparison only)
+    assert harness.hand_over(a) == a.tobytes()
+    assert not watch.alive
+    for _ in range(2):
+        assert harness.hand_over(a) == a.tobytes()
+        assert harness.watch_of(a) is None
+
+
+@needs_tracking
+def test_an_interrupted_check_leaves_nothing_registered(harness, monkeypatch):
+    """Ctrl-C during the full check that follows a new watch, or during a watched check."""
+    a = np.random.default_rng(26).random(N)
+    harness.hand_over(a)
+    harness.hand_over(a)
+    is_dask = isinstance(harness, DaskHarness)
+    module, name = (dask_module, "_signature") if is_dask else (store_module, "same_bytes")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            harness.hand_over(a)
+    assert not registered(a)
+    harness.hand_over(a)  # (the watch is set now)
+    assert harness.watch_of(a) is not None and registered(a)
+    module, name = (dask_module, "_block_digest") if is_dask else (store_module, "same_bytes_in")
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, interrupted)
+        a[N // 2] = 3.0
+        with pytest.raises(KeyboardInterrupt):
+            harness.hand_over(a)
+    assert not registered(a)
+    assert harness.hand_over(a) == a.tobytes()
+
+
+@needs_tracking
+def test_dask_head_bytes_taken_during_a_change_and_back_are_never_trusted(monkeypatch):
+    """Another thread changes the head page just as the watch is set and changes it back before the hash: the
+    bytes taken of the head then differ from the scattered copy, so the hash that proves the array unchanged
+    must be of those bytes (else, once the array holds them again, every check would say unchanged)."""
+    h = DaskHarness()
+    a = np.random.default_rng(27).random(N)
+    h.hand_over(a)
+    h.hand_over(a)  # (proven: the next check sets the watch)
+    old, new = float(a[0]), -4.0
+
+    class Racing:
+        def watch(self, x: np.ndarray) -> dirty.Watch | None:
+            w = dirty.TRACKER.watch(x)
+            a[0] = new  # (the other thread's write, as the head bytes are taken)
+            return w
+
+    real = dask_module._signature
+
+    def reverted(x: np.ndarray, *args: object) -> tuple[object, ...]:
+        a[0] = old  # (and back, before the hash)
+        return real(x, *args)
+
+    monkeypatch.setattr(dask_module, "TRACKER", Racing())
+    monkeypatch.setattr(dask_module, "_signature", reverted)
+    h.hand_over(a)
+    monkeypatch.undo()
+    a[0] = new
+    try:
+        for _ in range(2):
+            assert h.hand_over(a) == a.tobytes()
+    finally:
+        h.close()
