@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mmexec._dask as dask_module
 import mmexec._dirty as dirty
@@ -851,6 +853,56 @@ def test_dask_head_bytes_taken_during_a_change_and_back_are_never_trusted(monkey
     a[0] = new
     try:
         for _ in range(2):
+            assert h.hand_over(a) == a.tobytes()
+    finally:
+        h.close()
+
+
+# ----------------------------------------------------------------- any sequence of writes
+_BASE = np.random.default_rng(28).random(N)
+_WRITE = st.tuples(
+    st.sampled_from(["add", "same", "memset", "dontneed"]),
+    st.one_of(  # the first byte written: anywhere, in the head or tail pages, or next to a page boundary
+        st.integers(0, N * 8 - 1),
+        st.integers(0, 2 * PAGE),
+        st.integers(N * 8 - 2 * PAGE, N * 8 - 1),
+        st.tuples(st.integers(1, N * 8 // PAGE - 1), st.integers(-2, 1)).map(
+            lambda p: max(0, p[0] * PAGE - address(_BASE) % PAGE + p[1])
+        ),
+    ),
+    st.integers(1, 3 * PAGE),  # how many
+)
+
+
+def _apply(a: np.ndarray, what: str, at: int, n: int) -> None:
+    raw = a.view(np.uint8)
+    n = min(n, a.nbytes - at)
+    if what == "add":
+        raw[at : at + n] += 1
+    elif what == "same":
+        raw[at : at + n] = raw[at : at + n].copy()
+    elif what == "memset":
+        ctypes.memset(address(a) + at, at % 251, n)
+    else:  # MADV_DONTNEED on the whole pages inside [at, at + n)
+        lo = -(-(address(a) + at) // PAGE) * PAGE
+        hi = (address(a) + at + n) // PAGE * PAGE
+        if hi > lo:
+            assert _libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rounds=st.lists(st.lists(_WRITE, max_size=4), min_size=1, max_size=6), kind=st.sampled_from(["memmap", "dask"]))
+def test_any_sequence_of_writes_is_seen(rounds, kind):
+    """Random writes (anywhere: head and tail pages, page edges, spans of pages; changing bytes or not) between
+    hand-overs of one array, watched after its first three hand-overs where this machine can."""
+    h = Harness() if kind == "memmap" else DaskHarness()
+    try:
+        a = _BASE.copy()
+        ready(h, a)
+        for writes in rounds:
+            for what, at, n in writes:
+                _apply(a, what, at, n)
             assert h.hand_over(a) == a.tobytes()
     finally:
         h.close()
