@@ -30,6 +30,7 @@ __all__ = [
     "backing_memmap",
     "copy_as_pickled",
     "dump",
+    "dump_strides",
     "file_offset_of",
     "has_shareable_memory",
     "layout_order",
@@ -57,8 +58,9 @@ class ArrayRef:
     """What travels instead of an array: where its bytes are and how to view them.
 
     ``offset`` is the file offset of the first element; ``strides`` is None
-    for a dump laid out contiguously in ``order``. ``ident`` is the file's
-    ``(st_dev, st_ino)`` as the caller saw it, for a caller's own
+    for a dump laid out contiguously in ``order`` (a dump of a transpose of a
+    contiguous array may keep its strides, :func:`dump_strides`). ``ident`` is
+    the file's ``(st_dev, st_ino)`` as the caller saw it, for a caller's own
     ``np.memmap``: the worker checks that ``path`` still names that file.
     """
 
@@ -155,9 +157,15 @@ def file_offset_of(a: np.ndarray, mm: np.memmap) -> int:
 
 
 def _contiguous_blocks(a: np.ndarray) -> Iterator[np.ndarray]:
-    """``a``'s bytes in C order (F order when ``a`` is F-contiguous), as uint8 blocks."""
-    if a.flags.c_contiguous or a.flags.f_contiguous:
-        flat = (a.T if not a.flags.c_contiguous else a).reshape(-1).view(np.uint8)
+    """``a``'s bytes in C order (F order when ``a`` is F-contiguous; as they lie in memory for a transpose of a
+    contiguous array that a dump keeps so, :func:`dump_strides`), as uint8 blocks."""
+    if a.flags.c_contiguous or a.flags.f_contiguous or dump_strides(a) is not None:
+        if a.flags.c_contiguous:
+            flat = a.reshape(-1).view(np.uint8)
+        elif a.flags.f_contiguous:
+            flat = a.T.reshape(-1).view(np.uint8)
+        else:
+            flat = a.transpose(_axes_by_stride(a)).reshape(-1).view(np.uint8)
         for start in range(0, flat.size, _MAX_WRITE):
             yield flat[start : start + _MAX_WRITE]
         return
@@ -186,6 +194,32 @@ def _pickle_keeps_permuted() -> bool:
 
 
 _PICKLE_KEEPS_PERMUTED = _pickle_keeps_permuted()
+
+
+def _axes_by_stride(a: np.ndarray) -> list[int]:
+    """``a``'s axes from the largest stride to the smallest (ties in axis order), as NumPy orders them."""
+    return sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis]))
+
+
+def dump_strides(a: np.ndarray) -> tuple[int, ...] | None:
+    """The strides a dump of ``a`` keeps, or None when it is laid out in C or F order (:func:`layout_order`).
+
+    Where this NumPy pickles a transpose of a contiguous array as its buffer
+    (NumPy 2; not datetime64 or timedelta64 arrays, which it pickles through
+    their values), pickling keeps its layout: the dump then holds its memory
+    as it lies, and the strides are those pickling gives (the same but for
+    axes of length 1).
+    """
+    if not _PICKLE_KEEPS_PERMUTED or a.flags.c_contiguous or a.flags.f_contiguous:
+        return None
+    if a.dtype.kind in "Mm" or a.dtype.hasobject or not a.dtype.itemsize or not _contiguous_once_permuted(a):
+        return None
+    strides = [0] * a.ndim
+    step = a.dtype.itemsize
+    for axis in reversed(_axes_by_stride(a)):
+        strides[axis] = step
+        step *= a.shape[axis]
+    return tuple(strides)
 
 
 def pickles_native(a: np.ndarray) -> bool:
@@ -218,7 +252,7 @@ def copy_as_pickled(a: np.ndarray) -> np.ndarray:
     every byte of every item (a structured dtype's padding too), native byte order where pickling gives it."""
     if pickles_native(a):
         return as_pickled(a)
-    out = np.empty(a.shape, a.dtype, order="F" if layout_order(a) == "F" else "C")
+    out = _empty(a.shape, a.dtype, dump_strides(a), layout_order(a))
     if a.dtype.itemsize:
         raw = np.dtype((np.void, a.dtype.itemsize))  # (copied as bytes: a field-by-field copy drops the padding)
         np.copyto(out.view(raw), a.view(raw))
@@ -289,10 +323,18 @@ def open_ref(ref: ArrayRef, whole: np.memmap | None = None) -> np.memmap:
     return view
 
 
+def _empty(shape: tuple[int, ...], dtype: np.dtype[Any], strides: tuple[int, ...] | None, order: str) -> np.ndarray:
+    """A new array in memory, laid out in ``order`` or with ``strides`` (over exactly its bytes)."""
+    if strides is None:
+        return np.empty(shape, dtype, order="F" if order == "F" else "C")
+    memory = np.empty(dtype.itemsize * int(np.prod(shape)), np.uint8)
+    return np.ndarray(shape, dtype, buffer=memory, strides=strides)
+
+
 def read_array(fd: int, ref: ArrayRef) -> np.ndarray:
     """A new in-memory array holding what :func:`write_array` wrote at the start of ``fd`` for ``ref``."""
-    out = np.empty(ref.shape, ref.dtype, order="F" if ref.order == "F" else "C")
-    flat = (out.T if ref.order == "F" else out).reshape(-1).view(np.uint8)
+    out = _empty(ref.shape, ref.dtype, ref.strides, ref.order)
+    flat = out.base if ref.strides is not None else (out.T if ref.order == "F" else out).reshape(-1).view(np.uint8)
     view, pos = memoryview(flat), 0  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
     while pos < len(view):
         n = os.preadv(fd, [view[pos:]], pos)

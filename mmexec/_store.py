@@ -58,6 +58,7 @@ from ._memmap import (
     BlobRef,
     as_pickled,
     backing_memmap,
+    dump_strides,
     file_offset_of,
     layout_order,
     open_ref,
@@ -444,7 +445,7 @@ class MemmapStore:
         old dump, with its old shape and dtype, stand for it.
         """
         ref = dump.ref
-        if ref.shape != a.shape or ref.dtype != a.dtype or ref.order != layout_order(a):
+        if (ref.shape, ref.dtype, ref.order, ref.strides) != (a.shape, a.dtype, layout_order(a), dump_strides(a)):
             return False
         if dump.key in session.checked:
             return True
@@ -502,7 +503,7 @@ class MemmapStore:
     def _record_dump(self, a: np.ndarray, ref_path: str, adopted: _Dump | None = None) -> _Dump:
         """Remember that the file at ``ref_path`` holds ``a``'s bytes, for as long as ``a`` lives (``adopted``:
         the dump another executor left of it, checked: its map and watch carry over)."""
-        ref = ArrayRef(ref_path, a.dtype, a.shape, None, 0, layout_order(a), self.mmap_mode)
+        ref = ArrayRef(ref_path, a.dtype, a.shape, dump_strides(a), 0, layout_order(a), self.mmap_mode)
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
         if adopted is not None:

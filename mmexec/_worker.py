@@ -42,7 +42,16 @@ from loky import BrokenProcessPool
 from ._bootstrap import ABORT_SIGNAL, ABORTS, TaskAborted
 from ._compat import RemoteTraceback
 from ._errors import FileChangedError
-from ._memmap import ArrayRef, BlobRef, as_pickled, backing_memmap, file_offset_of, layout_order, write_array
+from ._memmap import (
+    ArrayRef,
+    BlobRef,
+    as_pickled,
+    backing_memmap,
+    dump_strides,
+    file_offset_of,
+    layout_order,
+    write_array,
+)
 from ._pickler import PROTOCOL, Side, dump, load_ref, load_result, loads
 from ._records import Call, Chunk, Outcomes, Task, unpack
 from ._tempfolder import create_private_file, unlink_quietly
@@ -421,7 +430,7 @@ class _ResultEncoder(Side):
             return None  # no room: through the pipe
         finally:
             os.close(fd)
-        return ArrayRef(path, a.dtype, a.shape, None, 0, layout_order(a), "r+")
+        return ArrayRef(path, a.dtype, a.shape, dump_strides(a), 0, layout_order(a), "r+")
 
     def _spare_for(self, nbytes: int) -> tuple[int, str] | None:
         """A freed file of the caller's, lent with this task, that ``nbytes`` fits well (each is used once)."""

@@ -22,12 +22,11 @@ from typing import Any
 import hypothesis.extra.numpy as npst
 import numpy as np
 import pytest
-from _tasks import identity, leaf_bytes, live_dumps, make_array, returned
+from _tasks import as_seen, identity, leaf_bytes, live_dumps, make_array, returned
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mmexec import MemmapExecutor, Parallel, delayed, has_shareable_memory
-from mmexec._memmap import _contiguous_once_permuted, _pickle_keeps_permuted
 
 SETTINGS = {
     "deadline": None,
@@ -238,14 +237,6 @@ def raw_bytes(a: np.ndarray) -> bytes:
     return (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8).tobytes()
 
 
-def transposed_layout_differs(x: np.ndarray, limit: int | None) -> bool:
-    """The known deviation of :func:`test_a_transposed_contiguous_argument_keeps_its_strides_as_pickle_does`: on
-    NumPy 2, pickling keeps the strides of ``x``, a transpose of a contiguous array, where the map path (an
-    argument or a result larger than ``limit``) gives C order."""
-    return (limit is not None and x.size > 0 and x.nbytes > limit and _pickle_keeps_permuted()
-            and not (x.flags.c_contiguous or x.flags.f_contiguous) and _contiguous_once_permuted(x))
-
-
 def assert_as_pickle_gives(got: Any, call: tuple[Any, ...], limit: int | None, result_by_map: bool = True) -> None:
     """``got``, the result of ``returned(*call)`` run by an executor with ``max_nbytes=limit``, is what pickling
     gives: type, shape, dtype, values, strides; a contiguous argument returned comes back with every byte, a
@@ -263,15 +254,13 @@ def assert_as_pickle_gives(got: Any, call: tuple[Any, ...], limit: int | None, r
         assert got["type"] is (np.memmap if on_map_path else np.ndarray)
         assert got["shape"] == expected["shape"]
         assert_same_dtype(got["dtype"], expected["dtype"])
-        if not transposed_layout_differs(a, limit):
-            assert got["strides"] == expected["strides"]
+        assert got["strides"] == expected["strides"]
         assert got["bytes"] == expected["bytes"]
         return
     assert type(got) is np.ndarray and type(expected) is np.ndarray
     assert got.shape == expected.shape
     assert_same_dtype(got.dtype, expected.dtype)
-    if not transposed_layout_differs(expected, limit):  # (what pickling gives: the argument's layout, or a view's)
-        assert got.strides == expected.strides
+    assert got.strides == expected.strides  # (what pickling gives: the argument's layout, or a view's)
     assert_same_values(got, expected)
     contiguous = a.flags.c_contiguous or a.flags.f_contiguous
     if how == "self" and contiguous and got.dtype == a.dtype:
@@ -577,15 +566,15 @@ def test_a_result_the_caller_dropped_is_not_held():
         assert live_dumps(ex) == []
 
 
-@pytest.mark.xfail(_pickle_keeps_permuted(), strict=True, reason=(
-    "on NumPy 2, pickling keeps the strides of a transpose of a contiguous array (it pickles the buffer); the "
-    "map path dumps it in C order, so the task and the result get C strides"
-))
 def test_a_transposed_contiguous_argument_keeps_its_strides_as_pickle_does():
     """``np.arange(24).reshape(2, 3, 4).transpose(0, 2, 1)``: neither C- nor F-contiguous; NumPy 2 pickles it
-    with strides (24, 2, 8), NumPy 1 in C order."""
-    a = np.arange(24, dtype=np.int16).reshape(2, 3, 4).transpose(0, 2, 1)
+    with strides (24, 2, 8) and its byte order, NumPy 1 in C order. The task gets, and a result comes back
+    with, what pickling gives."""
+    a = np.arange(24, dtype=">i2").reshape(2, 3, 4).transpose(0, 2, 1)
     with MemmapExecutor(1, max_nbytes=0) as ex:
+        seen = ex.submit(as_seen, a).result(timeout=60)
         got = ex.submit(identity, a).result(timeout=60)
+    expected = pickled(a)
+    assert seen["strides"] == expected.strides and seen["type"] is np.memmap
     assert got.tolist() == a.tolist()
-    assert got.strides == pickled(a).strides
+    assert (got.strides, got.dtype) == (expected.strides, expected.dtype)
