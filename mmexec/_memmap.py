@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import pickle
@@ -180,10 +181,9 @@ def layout_order(a: np.ndarray) -> str:
 
 
 def _contiguous_once_permuted(a: np.ndarray) -> bool:
-    """True when some order of ``a``'s axes makes it C-contiguous (a transpose of a contiguous array)."""
-    if any(step <= 0 for step in a.strides):
-        return False
-    return bool(a.transpose(np.argsort(a.strides, kind="stable")[::-1]).flags.c_contiguous)
+    """True when some order of ``a``'s axes makes it C-contiguous (a transpose of a contiguous array; as for
+    NumPy, the strides of axes of length 1, even 0 or negative, do not count)."""
+    return bool(a.transpose(_axes_by_stride(a)).flags.c_contiguous)
 
 
 def _pickle_keeps_permuted() -> bool:
@@ -196,6 +196,17 @@ def _pickle_keeps_permuted() -> bool:
 _PICKLE_KEEPS_PERMUTED = _pickle_keeps_permuted()
 
 
+@functools.lru_cache(maxsize=256)
+def _exports_buffer(dtype: np.dtype[Any]) -> bool:
+    """Whether NumPy can export ``dtype`` as a buffer, which it needs to pickle an array as one: not datetime64 or
+    timedelta64 (also inside a structured dtype), nor fields out of order or overlapping."""
+    try:
+        memoryview(np.empty(1, dtype))  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
+    except (ValueError, TypeError, BufferError, NotImplementedError):
+        return False
+    return True
+
+
 def _axes_by_stride(a: np.ndarray) -> list[int]:
     """``a``'s axes from the largest stride to the smallest (ties in axis order), as NumPy orders them."""
     return sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis]))
@@ -205,14 +216,14 @@ def dump_strides(a: np.ndarray) -> tuple[int, ...] | None:
     """The strides a dump of ``a`` keeps, or None when it is laid out in C or F order (:func:`layout_order`).
 
     Where this NumPy pickles a transpose of a contiguous array as its buffer
-    (NumPy 2; not datetime64 or timedelta64 arrays, which it pickles through
-    their values), pickling keeps its layout: the dump then holds its memory
+    (NumPy 2; not for a dtype it cannot export as a buffer, such as
+    datetime64, which it pickles through the values), pickling keeps its layout: the dump then holds its memory
     as it lies, and the strides are those pickling gives (the same but for
     axes of length 1).
     """
     if not _PICKLE_KEEPS_PERMUTED or a.flags.c_contiguous or a.flags.f_contiguous:
         return None
-    if a.dtype.kind in "Mm" or a.dtype.hasobject or not a.dtype.itemsize or not _contiguous_once_permuted(a):
+    if a.dtype.hasobject or not a.dtype.itemsize or not _exports_buffer(a.dtype) or not _contiguous_once_permuted(a):
         return None
     strides = [0] * a.ndim
     step = a.dtype.itemsize

@@ -578,3 +578,36 @@ def test_a_transposed_contiguous_argument_keeps_its_strides_as_pickle_does():
     assert seen["strides"] == expected.strides and seen["type"] is np.memmap
     assert got.tolist() == a.tolist()
     assert (got.strides, got.dtype) == (expected.strides, expected.dtype)
+
+
+def _transposed(dtype: Any) -> np.ndarray:
+    return np.zeros((2, 3, 4), dtype).transpose(0, 2, 1)
+
+
+TRANSPOSE_CASES = {
+    "a new axis of length 1 (stride 0)": lambda: np.arange(24, dtype=">i2").reshape(2, 3, 4).transpose(0, 2, 1)[
+        :, None
+    ],
+    "a reversed axis of length 1": lambda: np.arange(24, dtype=">i2").reshape(2, 3, 4, 1).transpose(0, 2, 1, 3)[
+        ..., ::-1
+    ],
+    "a datetime64 field": lambda: _transposed([("t", "M8[s]"), ("i", "<i4")]),
+    "fields out of order": lambda: _transposed(
+        {"names": ["a", "b"], "formats": ["<i4", "<i2"], "offsets": [4, 0], "itemsize": 8}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSPOSE_CASES))
+def test_transposes_numpy_pickles_through_their_values_or_with_odd_axes_travel_as_pickle_gives(case):
+    """NumPy ignores the strides of axes of length 1 when it looks for a transpose of a contiguous array, and
+    pickles through the values (in C order) a dtype it cannot export as a buffer."""
+    a = TRANSPOSE_CASES[case]()
+    with MemmapExecutor(1, max_nbytes=0) as ex:
+        seen = ex.submit(as_seen, a).result(timeout=60)
+        got = ex.submit(identity, a).result(timeout=60)
+    expected = pickled(a)
+    assert (seen["dtype"].str, seen["strides"]) == (expected.dtype.str, expected.strides)
+    twice = through_a_pool((a, "self"))
+    assert (got.dtype.str, got.strides) == (twice.dtype.str, twice.strides)
+    assert leaf_bytes(got) == leaf_bytes(twice)
