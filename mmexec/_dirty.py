@@ -262,14 +262,20 @@ class Tracker:
             except OSError as exc:  # EBUSY: another userfaultfd watches it (a debugger, another library)
                 _LOG.debug("mmexec: array at %#x compared by bytes: UFFDIO_REGISTER: %s", address, exc)
                 return None
-            watch = Watch(self, a, start, end)
+            try:
+                watch = Watch(self, a, start, end)
+            except BaseException:  # (Ctrl-C: nothing would undo the registration)
+                _unregister(self.uffd, start, end - start, os.getpid())
+                raise
             try:
                 _ioctl(self.uffd, _UFFDIO_WRITEPROTECT, (_U64 * 3)(start, end - start, _UFFDIO_WRITEPROTECT_MODE_WP))
-            except OSError as exc:
+                self._watches.append(watch)
+            except BaseException as exc:
                 watch.stop()
+                if not isinstance(exc, OSError):
+                    raise
                 _LOG.debug("mmexec: array at %#x compared by bytes: UFFDIO_WRITEPROTECT: %s", address, exc)
                 return None
-            self._watches.append(watch)
             return watch
 
     def scan(self, start: int, end: int) -> list[tuple[int, int]] | None:

@@ -906,3 +906,27 @@ def test_any_sequence_of_writes_is_seen(rounds, kind):
             assert h.hand_over(a) == a.tobytes()
     finally:
         h.close()
+
+
+@needs_tracking
+@pytest.mark.parametrize("where", ["making the watch", "protecting"])
+def test_an_interrupt_while_a_watch_is_set_leaves_nothing_registered(monkeypatch, where):
+    a = np.random.default_rng(29).random(N)
+    if where == "making the watch":
+        class Interrupted(dirty.Watch):
+            def __init__(self, *args: object) -> None:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(dirty, "Watch", Interrupted)
+    else:
+        real = dirty._ioctl
+
+        def interrupted(fd: int, request: int, arg: object) -> int:
+            if request == dirty._UFFDIO_WRITEPROTECT:
+                raise KeyboardInterrupt
+            return real(fd, request, arg)
+
+        monkeypatch.setattr(dirty, "_ioctl", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dirty.TRACKER.watch(a)
+    assert not registered(a)
