@@ -98,7 +98,7 @@ def test_U1(bench: Bench, key: str, data: np.ndarray, shm_file: str, monkeypatch
             if key != "mmexec":
                 return "correct"
             dump = ex._store._dumps.get(id(a))
-            return "correct" if dump is not None and dump.watch is not None else "the array was not watched"
+            return "correct" if dump is not None and dump.changes.watch is not None else "the array was not watched"
 
         list(ex.map(_tasks.prime, range(4 * WORKERS)))
         bench("U1", labelled(key, U1_ROWS[key]), call, check=check, ref_bytes=data.nbytes, warmup=WARMUP,
@@ -131,7 +131,7 @@ def test_U2(bench: Bench, key: str, data: np.ndarray) -> None:
                 for _ in range(3):
                     hand_over(a)
                 dump = ex._store._dumps.get(id(a))
-                assert dump is not None and dump.watch is not None, "the array was not watched"
+                assert dump is not None and dump.changes.watch is not None, "the array was not watched"
             return (a,)
 
         def call(a: np.ndarray) -> None:

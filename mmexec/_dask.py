@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 import numpy as np
 
 from ._base import ExecutorBase, batch_pickling_error
-from ._dirty import MAX_DROPS, TRACKER, Watch
+from ._dirty import Tracked, Watch
 from ._errors import AbortedError, LocalMemmapError
 from ._housekeeper import HOUSEKEEPER
 from ._memmap import _contiguous_blocks, backing_memmap
@@ -118,22 +118,9 @@ class _Scattered:
     wref: weakref.ref[np.ndarray]
     future: Any
     signature: tuple[Any, ...]
-    # Change detection, as the memmap store's (``_store._Dump``): ``proven`` once a hash found the array
-    # unchanged; then ``watch``, with ``edges``: the bytes of its partial head and tail pages when it was set.
-    proven: bool = False
-    watch: Watch | None = None
+    changes: Tracked = field(default_factory=Tracked)  # whether the array changed since (``_dirty``)
+    # The bytes of the partial head and tail pages outside ``changes.watch``, taken when it was set.
     edges: list[tuple[int, int, bytes]] = field(default_factory=list)
-    drops: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
-    discarded: bool = False
-
-    def stop_watch(self) -> None:
-        """The entry is let go: undo its watch (waits for a check in progress, which then sets none)."""
-        with self.lock:
-            self.discarded = True
-            watch, self.watch = self.watch, None
-        if watch is not None:
-            watch.stop()
 
 
 _DIGEST = hashlib.sha1().digest_size
@@ -191,48 +178,31 @@ def _signature(a: np.ndarray, edges: _Edges = ()) -> tuple[Any, ...]:
 
 
 def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | None]:
-    """Whether ``a`` is unchanged since ``entry`` was scattered (under ``entry.lock``); when it is not, also
-    its new signature if it was computed.
+    """Whether ``a`` is unchanged since ``entry`` was scattered (under ``entry.changes.lock``); when it is not,
+    also its new signature if it was computed.
 
     Where the array's pages are watched, only the hash blocks holding pages
     written since the last check are hashed again, and the partial head and
     tail pages compared with the bytes taken of them when the watch was set.
-    An array found unchanged by its whole hash is watched from its next check
-    on: the watch is set, and the head and tail bytes taken, before that hash,
-    which hashes the bytes taken in place of the array's: a write made during
-    it shows in the next check.
+    Those bytes are taken before the whole hash that proves the array
+    unchanged, which hashes them in place of the array's: so they are proven
+    equal to the scattered copy.
     """
     if (a.dtype, a.shape, a.strides) != entry.signature[:3]:
         return False, None
-    watch, entry.watch = entry.watch, None
-    new = None
-    try:
-        if watch is not None and not watch.covers(a):  # (another buffer, or strides, set in place)
-            watch.stop()
-        elif watch is not None:
-            verdict = _unchanged_where_written(entry, watch, a)
-            if verdict:
-                entry.watch, watch = watch, None
-                return True, None
-            watch.stop()
-            if verdict is False:
-                entry.drops += 1
-                return False, None
-        if entry.proven and entry.drops < MAX_DROPS:
-            new = TRACKER.watch(a)
-            entry.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
+    signature = None
+
+    def full(new: Watch | None) -> bool:
+        nonlocal signature
         edges = [] if new is None else [(lo, hi, _memory(a)[lo:hi].tobytes()) for lo, hi in new.edges]
-        signature = _signature(a, edges)
-        if signature != entry.signature:
-            return False, None if edges else signature  # (hashed with the bytes taken: not the array's own)
-        entry.proven = True
-        if new is not None and not entry.discarded:  # (let go while it was hashed: nothing would undo a watch)
-            entry.watch, entry.edges, new = new, edges, None
-        return True, None
-    finally:  # (whatever did not end up on the entry: changed, refused, or an exception such as Ctrl-C)
-        for left in (watch, new):
-            if left is not None and left is not entry.watch:
-                left.stop()
+        computed = _signature(a, edges)
+        if computed != entry.signature:
+            signature = None if edges else computed  # (hashed with the bytes taken: not the array's own)
+            return False
+        entry.edges = edges
+        return True
+
+    return entry.changes.unchanged(a, lambda watch: _unchanged_where_written(entry, watch, a), full), signature
 
 
 def _unchanged_where_written(entry: _Scattered, watch: Watch, a: np.ndarray) -> bool | None:
@@ -307,7 +277,7 @@ class DaskScatterStore:
             return entry.future
         signature = None
         if entry is not None:
-            with entry.lock:
+            with entry.changes.lock:
                 unchanged, signature = _check(entry, a)
             if unchanged:
                 session.checked.add(key)
@@ -318,7 +288,7 @@ class DaskScatterStore:
         future = self.client.scatter(a, hash=False)
         new = _Scattered(weakref.ref(a, partial(self._forget, key, future.key)), future, signature)
         if entry is not None:
-            new.drops = entry.drops  # (how often a watched array changed counts on)
+            new.changes.drops = entry.changes.drops  # (how often a watched array changed counts on)
         old = None
         with self._lock:
             self.scatters += 1
@@ -326,7 +296,7 @@ class DaskScatterStore:
                 old = self._entries.pop(key, None)
                 self._entries[key] = new
         if old is not None:
-            old.stop_watch()
+            old.changes.let_go()
         del old  # its future is released here, outside the lock (its __del__ may run a collection)
         HOUSEKEEPER.need_while(self._holds_copies)
         HOUSEKEEPER.ensure_host()  # (the array's death posts the release of its copy)
@@ -352,7 +322,7 @@ class DaskScatterStore:
                 if entry is not None and entry.future.key == token:
                     dropped.append(self._entries.pop(key))
         for entry in dropped:
-            entry.stop_watch()  # (done already: the array's finalizer undid it before its memory was freed)
+            entry.changes.let_go()  # (done already: the array's finalizer undid it before its memory was freed)
         dropped.clear()  # the futures are released outside the lock
 
     def close(self) -> None:
@@ -361,7 +331,7 @@ class DaskScatterStore:
             self._closed = True
             entries, self._entries = self._entries, {}
         for entry in entries.values():
-            entry.stop_watch()
+            entry.changes.let_go()
         entries.clear()
 
 

@@ -46,11 +46,13 @@ import os
 import platform
 import threading
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ENV_SWITCH", "MAX_DROPS", "MIN_BYTES", "TRACKER", "Tracker", "Watch", "enabled"]
+__all__ = ["ENV_SWITCH", "MAX_DROPS", "MIN_BYTES", "TRACKER", "Tracked", "Tracker", "Watch", "enabled"]
 
 #: Environment variable: ``0`` (or ``off``, ``false``, ``no``) turns dirty-page tracking off.
 ENV_SWITCH = "MMEXEC_DIRTY_PAGES"
@@ -183,6 +185,81 @@ class Watch:
     def stop(self) -> None:
         """Undo the watch (idempotent): writes to the array cost nothing any more."""
         self._finalizer()
+
+
+@dataclass(eq=False)
+class Tracked:
+    """What a store knows of one array's changes since it handed over its copy (a dump, a scattered copy), and
+    when to watch the array: ``proven`` once a full check found it unchanged; from its next check on, ``watch``;
+    ``drops``: watches undone because the array had changed, or refused (at :data:`MAX_DROPS` none is tried
+    again). Checked one at a time (``lock``: a scan protects again the pages it reports, for that check only);
+    ``discarded`` once the store let go of it."""
+
+    proven: bool = False
+    watch: Watch | None = None
+    drops: int = 0
+    discarded: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def let_go(self) -> None:
+        """The store no longer checks the array against this copy: undo the watch. Waits for a check in
+        progress, which then sets none."""
+        with self.lock:
+            self.discarded = True
+            watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.stop()
+
+    def move(self) -> Tracked:
+        """The state, moved out to the store adopting the copy (this one is let go, its watch not undone)."""
+        with self.lock:
+            self.discarded = True
+            moved = Tracked(self.proven, self.watch, self.drops)
+            self.watch = None
+        return moved
+
+    def unchanged(
+        self, a: np.ndarray, watched: Callable[[Watch], bool | None], full: Callable[[Watch | None], bool],
+        may_watch: bool = True,
+    ) -> bool:
+        """Whether ``a`` is unchanged since its copy was made (under ``lock``).
+
+        ``watched(watch)`` judges the pages written since the last check
+        (None: it cannot tell); ``full(new)`` checks everything, ``new`` being
+        the watch set just before it (or None). An array found unchanged by
+        ``full`` is watched from its next check on; the watch is set before
+        that check, so a write made during it shows in the next scan.
+        ``may_watch`` False: no watch, as where the copy may change other than
+        through ``a``. Whatever watch does not end up on the state (the array
+        changed, a watch was refused, an exception such as Ctrl-C) is undone.
+        """
+        watch, self.watch = self.watch, None
+        new = None
+        try:
+            if watch is not None and (not may_watch or not watch.covers(a)):  # (``a`` got another buffer, or
+                watch.stop()  # strides, in place)
+            elif watch is not None:
+                verdict = watched(watch)  # (the pages it lists are protected again: this check must conclude)
+                if verdict:
+                    self.watch, watch = watch, None
+                    return True
+                watch.stop()
+                if verdict is False:  # changed: the next copy of ``a`` is proven and watched afresh, if ever
+                    self.drops += 1
+                    return False
+            if self.proven and self.drops < MAX_DROPS and may_watch:
+                new = TRACKER.watch(a)
+                self.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
+            if not full(new):
+                return False
+            self.proven = True
+            if new is not None and not self.discarded:  # (let go during the check: nothing would undo a watch)
+                self.watch, new = new, None
+            return True
+        finally:
+            for left in (watch, new):
+                if left is not None and left is not self.watch:
+                    left.stop()
 
 
 class Tracker:

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._dirty import MAX_DROPS, TRACKER, Watch
+from ._dirty import Tracked, Watch
 from ._errors import TempFolderError
 from ._files import FILES, UNKNOWN_IDENTITY, from_any_process, identity
 from ._housekeeper import HOUSEKEEPER, drain
@@ -153,33 +153,14 @@ class _Dump:
     wref: weakref.ref[np.ndarray]
     path: str
     ref: ArrayRef
-    flat: np.ndarray | None = None  # the file's bytes, mapped once compared
-    # Change detection (``_dirty``): ``proven`` once a byte comparison found the array unchanged since it was
-    # dumped; ``watch`` once its pages are then write-protected (later checks compare only the pages written);
-    # ``drops``: watches undone because the array had changed, or refused (at MAX_DROPS none is tried again).
-    proven: bool = False
-    watch: Watch | None = None
-    drops: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time (a scan re-arms pages)
-    discarded: bool = False
+    flat: np.ndarray | None = None  # the file's bytes, mapped once compared (under ``changes.lock``)
+    changes: Tracked = field(default_factory=Tracked)  # whether the array changed since (``_dirty``)
 
     def discard(self) -> None:
-        """This dump no longer stands for its array: let go of its map and its watch (the file is released by
-        the store). Waits for a check of it in progress, which then sets no watch on it."""
-        with self.lock:
-            self.discarded = True
-            self.flat = None
-            watch, self.watch = self.watch, None
-        if watch is not None:
-            watch.stop()
-
-    def hand_over(self) -> tuple[np.ndarray | None, bool, Watch | None, int]:
-        """Its map, proof, watch and count of changes, moved out (an adopting dump takes them over)."""
-        with self.lock:
-            self.discarded = True
-            moved = self.flat, self.proven, self.watch, self.drops
-            self.flat = self.watch = None
-        return moved
+        """This dump no longer stands for its array: let go of its watch and its map (the file is released by
+        the store)."""
+        self.changes.let_go()
+        self.flat = None
 
 
 class MemmapStore:
@@ -406,7 +387,7 @@ class MemmapStore:
         dump, drops = self._adopt(a, holds.session)
         if dump is None:
             dump = self._new_dump(a, users=2)
-            dump.drops = max(dump.drops, drops)
+            dump.changes.drops = max(dump.changes.drops, drops)
         holds.session.checked.add(key)
         holds.files.append((self, dump.path))
         return dump.ref
@@ -432,7 +413,7 @@ class MemmapStore:
             old.discard()
             if not self._spares.put(spare.fd, spare.path, spare.capacity, spare.where):
                 os.close(spare.fd)  # (its pages may still serve the new dump, as any spare's)
-            return None, old.drops
+            return None, old.changes.drops
         session.checked.add(key)
         self._register(spare.path, _File(spare.fd, 2, 0, (spare.capacity, spare.where)))
         return self._record_dump(a, spare.path, old), 0
@@ -449,7 +430,7 @@ class MemmapStore:
             return False
         if dump.key in session.checked:
             return True
-        with dump.lock:
+        with dump.changes.lock:
             if dump.flat is None:
                 dump.flat = open_whole(dump.path, "r")[: dump.ref.dtype.itemsize * _size(dump.ref.shape)]
             if not self._same_bytes(dump, a):
@@ -459,43 +440,21 @@ class MemmapStore:
 
     def _same_bytes(self, dump: _Dump, a: np.ndarray) -> bool:
         """True when ``a``'s bytes equal its dump's: where its pages are watched, only those written since the
-        last check (and its partial head and tail pages), else every byte (under ``dump.lock``).
+        last check (and its partial head and tail pages), else every byte (under ``dump.changes.lock``).
 
-        An array found unchanged once by bytes is watched from its next check
-        on; the watch is set before that comparison, so a write made during it
-        shows in the next scan. A watch sees writes to the array only, so
-        none is used where tasks may write the dump (``mmap_mode`` ``'r+'`` or
-        ``'w+'``).
+        A watch sees writes to the array only, so none is used where tasks
+        may write the dump (``mmap_mode`` ``'r+'`` or ``'w+'``).
         """
-        watch, flat = dump.watch, dump.flat
+        flat = dump.flat
         assert flat is not None
-        writable = self.mmap_mode in ("r+", "w+")
-        dump.watch = new = None
-        try:
-            if watch is not None and (writable or not watch.covers(a)):  # (adopted from an executor whose tasks
-                watch.stop()  # could not write it; or ``a`` got another buffer or strides in place)
-            elif watch is not None:
-                ranges = watch.dirty()  # (the pages it lists are protected again: this check must conclude)
-                if ranges is not None and same_bytes_in(a, flat, ranges):
-                    dump.watch, watch = watch, None
-                    return True
-                watch.stop()
-                if ranges is not None:  # changed: the next dump of ``a`` is proven and watched afresh, if ever
-                    dump.drops += 1
-                    return False
-            if dump.proven and dump.drops < MAX_DROPS and not writable:
-                new = TRACKER.watch(a)
-                dump.drops += new is None  # (refused: shared memory, EBUSY... tried again at most once)
-            if not same_bytes(a, flat):
-                return False
-            dump.proven = True
-            if new is not None and not dump.discarded:  # (let go while it was compared: nothing would undo it)
-                dump.watch, new = new, None
-            return True
-        finally:  # (whatever did not end up on the dump: changed, refused, or an exception such as Ctrl-C)
-            for left in (watch, new):
-                if left is not None and left is not dump.watch:
-                    left.stop()
+
+        def watched(watch: Watch) -> bool | None:
+            ranges = watch.dirty()
+            return None if ranges is None else same_bytes_in(a, flat, ranges)
+
+        return dump.changes.unchanged(
+            a, watched, lambda new: same_bytes(a, flat), may_watch=self.mmap_mode not in ("r+", "w+")
+        )
 
     def _new_dump(self, a: np.ndarray, users: int = 1) -> _Dump:
         return self._record_dump(a, self._write(a, users))  # held by the array (and the task that dumps it)
@@ -507,14 +466,14 @@ class MemmapStore:
         key = id(a)
         dump = _Dump(key, None, ref_path, ref)  # type: ignore[arg-type]
         if adopted is not None:
-            dump.flat, dump.proven, dump.watch, dump.drops = adopted.hand_over()
+            dump.flat, dump.changes, adopted.flat = adopted.flat, adopted.changes.move(), None
         dump.wref = weakref.ref(a, _ForgetWhenFreed(self, dump))
         with self._lock:
             old = self._dumps.get(key)
             self._dumps[key] = dump
         if old is not None:
             if old.wref() is a:  # (a new dump of a changed array: how often it changed counts on)
-                dump.drops = max(dump.drops, old.drops)
+                dump.changes.drops = max(dump.changes.drops, old.changes.drops)
             old.discard()
             self.release(old.path)
         return dump

@@ -90,7 +90,7 @@ class Harness:
             holds.release()
 
     def watch_of(self, a: np.ndarray) -> dirty.Watch | None:
-        return self.store._dumps[id(a)].watch
+        return self.store._dumps[id(a)].changes.watch
 
     def close(self) -> None:
         self.store.close()
@@ -125,7 +125,7 @@ class DaskHarness:
         return self.client.copies[self.store._future_for(a, Session()).key]
 
     def watch_of(self, a: np.ndarray) -> dirty.Watch | None:
-        return self.store._entries[id(a)].watch
+        return self.store._entries[id(a)].changes.watch
 
     def close(self) -> None:
         self.store.close()
@@ -160,8 +160,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     if name == "unsupported":
         monkeypatch.setattr(dirty, "_SYS_USERFAULTFD", None)
         tracker = dirty.Tracker()
-        monkeypatch.setattr(store_module, "TRACKER", tracker)
-        monkeypatch.setattr(dask_module, "TRACKER", tracker)
+        monkeypatch.setattr(dirty, "TRACKER", tracker)
 
     def prepare(a: np.ndarray) -> None:
         if name == "busy":
@@ -542,7 +541,7 @@ def test_a_dump_let_go_during_its_check_keeps_no_watch(monkeypatch):
     check.join(10)
     closing.join(10)
     assert not check.is_alive() and not closing.is_alive()
-    assert dump.watch is None and not registered(a)
+    assert dump.changes.watch is None and not registered(a)
     again = Harness()
     try:
         ready(again, a)
@@ -558,7 +557,7 @@ def test_an_array_that_keeps_changing_is_watched_at_most_twice_across_fresh_exec
     for k in range(12):
         with MemmapExecutor(1) as ex:
             assert ex.submit(np.sum, a).result() == a.sum()
-            watch = ex._store._dumps[id(a)].watch
+            watch = ex._store._dumps[id(a)].changes.watch
             if watch is not None and not any(watch is w for w in watches):
                 watches.append(watch)
         if k % 4 == 3:
@@ -640,7 +639,7 @@ def test_a_watch_moves_with_the_dump_to_the_next_executor(count_writes):
     for _ in range(4):
         with MemmapExecutor(2) as ex:
             assert ex.submit(np.sum, a).result() == a.sum()
-            watches.append(ex._store._dumps[id(a)].watch)
+            watches.append(ex._store._dumps[id(a)].changes.watch)
     assert len(count_writes) == 1
     assert watches[:2] == [None, None] and watches[2] is not None and watches[3] is watches[2]
     assert watches[2].alive  # (kept with the dump among the spares)
@@ -655,7 +654,7 @@ def test_a_dropped_spare_lets_go_of_its_dumps_watch():
     for _ in range(3):
         with MemmapExecutor(1) as ex:
             ex.submit(np.sum, a).result()
-            watch = ex._store._dumps[id(a)].watch
+            watch = ex._store._dumps[id(a)].changes.watch
     assert watch is not None and watch.alive and registered(a)
     SPARES.drop()
     assert not watch.alive and not registered(a)
@@ -754,15 +753,15 @@ def test_a_check_of_a_dump_already_let_go_sets_no_watch(harness):
     harness.hand_over(a)
     if isinstance(harness, DaskHarness):
         entry = harness.store._entries[id(a)]
-        entry.stop_watch()  # (let go: an executor shut down, the array changed)
-        with entry.lock:
+        entry.changes.let_go()  # (let go: an executor shut down, the array changed)
+        with entry.changes.lock:
             assert dask_module._check(entry, a) == (True, None)
-        assert entry.watch is None
+        assert entry.changes.watch is None
     else:
         dump = harness.store._dumps[id(a)]
         dump.discard()
         assert harness.store._still_valid(dump, a, Session())
-        assert dump.watch is None
+        assert dump.changes.watch is None
     assert not registered(a)
 
 
@@ -834,9 +833,11 @@ def test_dask_head_bytes_taken_during_a_change_and_back_are_never_trusted(monkey
     h.hand_over(a)  # (proven: the next check sets the watch)
     old, new = float(a[0]), -4.0
 
+    tracker = dirty.TRACKER
+
     class Racing:
         def watch(self, x: np.ndarray) -> dirty.Watch | None:
-            w = dirty.TRACKER.watch(x)
+            w = tracker.watch(x)
             a[0] = new  # (the other thread's write, as the head bytes are taken)
             return w
 
@@ -846,7 +847,7 @@ def test_dask_head_bytes_taken_during_a_change_and_back_are_never_trusted(monkey
         a[0] = old  # (and back, before the hash)
         return real(x, *args)
 
-    monkeypatch.setattr(dask_module, "TRACKER", Racing())
+    monkeypatch.setattr(dirty, "TRACKER", Racing())
     monkeypatch.setattr(dask_module, "_signature", reverted)
     h.hand_over(a)
     monkeypatch.undo()
