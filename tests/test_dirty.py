@@ -387,6 +387,13 @@ def private_memory(nbytes: int, at: int | None = None) -> int:
     return int(ptr)
 
 
+def array_over(ptr: int, nbytes: int, value: float) -> np.ndarray:
+    """A float64 array over memory at ``ptr`` that it does not own (it outlives the array), filled with ``value``."""
+    a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.float64)
+    a[:] = value
+    return a
+
+
 @needs_tracking
 def test_an_array_freed_is_unregistered_before_its_memory_goes():
     """Memory that outlives the array (here mapped by hand, as the heap keeps freed memory): its finalizer
@@ -394,8 +401,7 @@ def test_an_array_freed_is_unregistered_before_its_memory_goes():
     nbytes = N * 8
     ptr = private_memory(nbytes)
     try:
-        a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.float64)
-        a[:] = 1.5
+        a = array_over(ptr, nbytes, 1.5)
         watch = dirty.TRACKER.watch(a)
         assert watch is not None and registered((ptr, ptr + nbytes))
         del a
@@ -405,16 +411,14 @@ def test_an_array_freed_is_unregistered_before_its_memory_goes():
 
 
 UNDO_SCRIPT = """
-import ctypes, sys
-import numpy as np
+import sys
 sys.path.insert(0, sys.argv[1])
 import mmexec._dirty as dirty
-from test_dirty import N, private_memory, registered
+from test_dirty import N, array_over, private_memory, registered
 ptr = private_memory(N * 8)  # (memory that outlives the array object)
 span = (ptr, ptr + N * 8)
 for how in ("stop", "free"):
-    a = np.frombuffer((ctypes.c_char * (N * 8)).from_address(ptr), dtype=np.float64)
-    a[:] = 1.0
+    a = array_over(ptr, N * 8, 1.0)
     watch = dirty.TRACKER.watch(a)
     assert watch is not None and registered(span), how
     if how == "stop":
@@ -446,8 +450,7 @@ def test_memory_mapped_again_under_a_watch_is_not_reported_clean():
     nbytes = N * 8
     ptr = private_memory(nbytes)
     try:
-        a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.float64)
-        a[:] = 1.5
+        a = array_over(ptr, nbytes, 1.5)
         watch = dirty.TRACKER.watch(a)
         assert watch is not None and watch.written() == []
         assert private_memory(nbytes, at=ptr) == ptr  # (the range unmapped and mapped anew: zeros)
