@@ -54,7 +54,7 @@ from ._base import ExecutorBase, batch_pickling_error
 from ._dirty import Tracked, Watch
 from ._errors import AbortedError, LocalMemmapError
 from ._housekeeper import HOUSEKEEPER
-from ._memmap import _contiguous_blocks, backing_memmap
+from ._memmap import _contiguous_blocks, backing_memmap, memory_bytes
 from ._options import DEFAULT_MAX_NBYTES, parse_max_nbytes
 from ._pickler import encode_task
 from ._records import Call, Outcomes, Task, unpack
@@ -130,11 +130,6 @@ def _sha1(block: np.ndarray) -> bytes:
     return hashlib.sha1(block.data, usedforsecurity=False).digest()
 
 
-def _memory(a: np.ndarray) -> np.ndarray:
-    """A contiguous array's memory as uint8, in address order."""
-    return (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)
-
-
 #: Byte ranges of an array with the bytes taken of them: the partial head and tail pages outside a watch.
 _Edges = Sequence[tuple[int, int, bytes]]
 
@@ -168,7 +163,7 @@ def _signature(a: np.ndarray, edges: _Edges = ()) -> tuple[Any, ...]:
         for block in _contiguous_blocks(a):
             digest.update(block.data)
         return a.dtype, a.shape, a.strides, digest.digest()
-    flat = _memory(a)
+    flat = memory_bytes(a)
     count = -(-flat.size // _HASH_BLOCK)
     threads = min(count, os.cpu_count() or 1)
     if threads <= 1:
@@ -194,7 +189,7 @@ def _check(entry: _Scattered, a: np.ndarray) -> tuple[bool, tuple[Any, ...] | No
 
     def full(new: Watch | None) -> bool:
         nonlocal signature
-        edges = [] if new is None else [(lo, hi, _memory(a)[lo:hi].tobytes()) for lo, hi in new.edges]
+        edges = [] if new is None else [(lo, hi, memory_bytes(a)[lo:hi].tobytes()) for lo, hi in new.edges]
         computed = _signature(a, edges)
         if computed != entry.signature:
             signature = None if edges else computed  # (hashed with the bytes taken: not the array's own)
@@ -211,7 +206,7 @@ def _unchanged_where_written(entry: _Scattered, watch: Watch, a: np.ndarray) -> 
     written = watch.written()
     if written is None:
         return None
-    flat = _memory(a)
+    flat = memory_bytes(a)
     if any(flat[lo:hi].tobytes() != before for lo, hi, before in entry.edges):
         return False
     digests: bytes = entry.signature[3]

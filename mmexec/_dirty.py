@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from ._memmap import address_of
+
 __all__ = ["ENV_SWITCH", "MAX_DROPS", "MIN_BYTES", "TRACKER", "Tracked", "Tracker", "Watch", "enabled"]
 
 #: Environment variable: ``0`` (or ``off``, ``false``, ``no``) turns dirty-page tracking off.
@@ -132,7 +134,7 @@ class Watch:
 
     def __init__(self, tracker: Tracker, a: np.ndarray, start: int, end: int) -> None:
         self.tracker = tracker
-        self.address = int(a.__array_interface__["data"][0])
+        self.address = address_of(a)
         self.nbytes = a.nbytes
         self.start, self.end = start, end  # page-aligned, inside the array's memory
         self.pid = os.getpid()
@@ -147,7 +149,7 @@ class Watch:
         """True when ``a``'s memory is still the memory watched: the same address and size, contiguous (an
         array given a new buffer, ``__setstate__``, or new strides in place keeps its identity, not its memory)."""
         return (
-            int(a.__array_interface__["data"][0]) == self.address and a.nbytes == self.nbytes
+            address_of(a) == self.address and a.nbytes == self.nbytes
             and (a.flags.c_contiguous or a.flags.f_contiguous)
         )
 
@@ -320,7 +322,7 @@ class Tracker:
         that is not possible or not exact (then compare bytes)."""
         if not enabled() or a.nbytes < MIN_BYTES or not (a.flags.c_contiguous or a.flags.f_contiguous):
             return None
-        address = int(a.__array_interface__["data"][0])
+        address = address_of(a)
         start = -(-address // _PAGE) * _PAGE
         end = (address + a.nbytes) // _PAGE * _PAGE
         with self._lock:

@@ -36,6 +36,7 @@ __all__ = [
     "has_shareable_memory",
     "layout_order",
     "load",
+    "memory_bytes",
     "map_blob",
     "open_ref",
     "open_whole",
@@ -161,18 +162,25 @@ def _contiguous_blocks(a: np.ndarray) -> Iterator[np.ndarray]:
     """``a``'s bytes in C order (F order when ``a`` is F-contiguous; as they lie in memory for a transpose of a
     contiguous array that a dump keeps so, :func:`dump_strides`), as uint8 blocks."""
     if a.flags.c_contiguous or a.flags.f_contiguous or dump_strides(a) is not None:
-        if a.flags.c_contiguous:
-            flat = a.reshape(-1).view(np.uint8)
-        elif a.flags.f_contiguous:
-            flat = a.T.reshape(-1).view(np.uint8)
-        else:
-            flat = a.transpose(_axes_by_stride(a)).reshape(-1).view(np.uint8)
+        flat = memory_bytes(a)
         for start in range(0, flat.size, _MAX_WRITE):
             yield flat[start : start + _MAX_WRITE]
         return
     rows = max(1, _BLOCK_BYTES // max(1, a[0].nbytes))
     for start in range(0, a.shape[0], rows):
         yield np.ascontiguousarray(a[start : start + rows]).reshape(-1).view(np.uint8)
+
+
+def memory_bytes(a: np.ndarray) -> np.ndarray:
+    """The memory of ``a`` (C- or F-contiguous, or a transpose of a contiguous array) as uint8, in address order:
+    no copy."""
+    if a.flags.c_contiguous:
+        laid = a
+    elif a.flags.f_contiguous:
+        laid = a.T
+    else:
+        laid = a.transpose(_axes_by_stride(a))
+    return laid.reshape(-1).view(np.uint8)
 
 
 def layout_order(a: np.ndarray) -> str:
